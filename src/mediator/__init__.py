@@ -1,0 +1,43 @@
+"""mediator: read and overwrite any intermediate value of a PyTorch model while it runs.
+
+Each intervention (an invoke body, or a plain function) runs in its own thread as a Mediator;
+the Interleaver meets those threads at module boundaries; the Batcher runs all invokes of a
+trace as one batched forward pass. See README.md for a tour and SPEC.md for the contract.
+
+    import mediator
+    model = mediator.Model(net)
+    with model.trace(x):
+        h = model.layers[1].output
+        model.layers[1].output = h * 2
+        logits = model.output
+"""
+
+from ._batcher import Batcher
+from ._envoy import Envoy, Model
+from ._errors import (
+    MediatorError,
+    MissedProviderError,
+    OutOfOrderError,
+    ShapeError,
+    SourceUnavailableError,
+    UsageError,
+)
+from ._interleaver import Barrier
+from ._tracer import Invoke, Tracer
+
+__all__ = [
+    "Barrier",
+    "Batcher",
+    "Envoy",
+    "Invoke",
+    "MediatorError",
+    "MissedProviderError",
+    "Model",
+    "OutOfOrderError",
+    "ShapeError",
+    "SourceUnavailableError",
+    "Tracer",
+    "UsageError",
+]
+
+__version__ = "0.1.0"

@@ -1,0 +1,185 @@
+"""The Batcher: one batched forward for all invokes of a trace, and each invoke's view of it.
+
+`batch` concatenates the invokes' inputs along dim 0 and gives each invoke its rows. `narrow`
+cuts an invoke's rows out of any value met during the forward (every tensor whose dim 0 is the
+total batch size; others pass whole). `merge` writes the invokes' edited rows back into the full
+value without touching the original in place, so autograd sees every invoke's view on the path
+from input to loss. Subclass it for models that need their own batching (padding, masks).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ._errors import ShapeError, UsageError
+from ._tree import describe, flatten
+
+Inputs = tuple[tuple[Any, ...], dict[str, Any]]
+
+
+class Batcher:
+    """Concatenates invokes' inputs along dim 0 and narrows values back to each invoke's rows."""
+
+    def batch(self, inputs: list[Inputs | None]) -> tuple[Inputs, list[slice | None], int]:
+        """Batch the inputs of every invoke (None for an empty invoke).
+
+        Returns the batched `(args, kwargs)`, each invoke's rows (`None` for "the whole batch")
+        and the total batch size.
+        """
+        given = [(index, entry) for index, entry in enumerate(inputs) if entry is not None]
+        if not given:
+            raise UsageError(
+                "no invoke of this trace has inputs: pass them to model.trace(x) or to "
+                "tr.invoke(x) in at least one invoke"
+            )
+        if len(given) == 1:
+            return given[0][1], [None] * len(inputs), self._rows_of(given[0][1], given[0][0])
+        sizes = [self._rows_of(entry, index) for index, entry in given]
+        rows: list[slice | None] = [None] * len(inputs)
+        start = 0
+        for (index, _), size in zip(given, sizes):
+            rows[index] = slice(start, start + size)
+            start += size
+        return self._concatenate([entry for _, entry in given], [i for i, _ in given]), rows, start
+
+    def narrow(self, value: Any, rows: slice, total: int) -> Any:
+        """The part of `value` that belongs to `rows` (views, no copies)."""
+        if isinstance(value, torch.Tensor):
+            return _narrow_leaf(value, rows, total)
+        leaves, rebuild = flatten(value)
+        return rebuild([_narrow_leaf(leaf, rows, total) for leaf in leaves])
+
+    def merge(self, full: Any, views: list[tuple[slice, Any]], total: int) -> Any:
+        """Rebuild `full` from each invoke's (possibly replaced) view of its rows.
+
+        `views` lists `(rows, view)` for the invokes that hold a view, in row order.
+        """
+        full_leaves, rebuild = flatten(full)
+        view_leaves = [(rows, flatten(view)[0]) for rows, view in views]
+        merged = []
+        for position, leaf in enumerate(full_leaves):
+            if _is_batch(leaf, total):
+                merged.append(_merge_rows(leaf, position, view_leaves))
+            else:
+                for _, leaves in view_leaves:
+                    if leaves[position] is not full_leaves[position]:
+                        leaf = leaves[position]
+                merged.append(leaf)
+        return rebuild(merged)
+
+    def check_replacement(self, old: Any, new: Any, where: str) -> None:
+        """Raise ShapeError unless `new` can stand where `old` stood (same structure, shapes,
+        dtypes and devices of its tensors)."""
+        if isinstance(old, torch.Tensor) and isinstance(new, torch.Tensor):
+            if (old.shape, old.dtype, old.device) != (new.shape, new.dtype, new.device):
+                raise ShapeError(
+                    f"{where}: got {describe(new)}, expected {describe(old)}; a replacement "
+                    "must match the shape, dtype and device of the value it replaces"
+                )
+            return
+        old_leaves, _ = flatten(old)
+        new_leaves, _ = flatten(new)
+        if type(old) is not type(new) or len(old_leaves) != len(new_leaves):
+            raise ShapeError(
+                f"{where}: got {describe(new)}, expected {describe(old)} with "
+                f"{len(old_leaves)} leaves; replace it with a value of the same structure"
+            )
+        for old_leaf, new_leaf in zip(old_leaves, new_leaves):
+            if isinstance(old_leaf, torch.Tensor):
+                self.check_replacement(old_leaf, new_leaf, where)
+
+    def _rows_of(self, entry: Inputs, index: int) -> int:
+        for name, leaf in _named_leaves(entry, list(entry[1])):
+            if isinstance(leaf, torch.Tensor) and leaf.dim() > 0:
+                return int(leaf.shape[0])
+        raise UsageError(
+            f"invoke {index} has inputs but no tensor among them: the batch size is the first "
+            "dimension of the first tensor input"
+        )
+
+    def _concatenate(self, entries: list[Inputs], indices: list[int]) -> Inputs:
+        first_args, first_kwargs = entries[0]
+        for entry, index in zip(entries[1:], indices[1:]):
+            args, kwargs = entry
+            if len(args) != len(first_args) or set(kwargs) != set(first_kwargs):
+                raise ShapeError(
+                    f"cannot batch invoke {index} with invoke {indices[0]}: they pass different "
+                    f"inputs ({_signature(entry)} vs {_signature(entries[0])}); every invoke "
+                    "must pass the same positional and keyword inputs"
+                )
+        keys = list(first_kwargs)
+        columns = list(zip(*(_named_leaves(entry, keys) for entry in entries)))
+        batched = [self._concatenate_column(column, indices) for column in columns]
+        _, rebuild = flatten((first_args, first_kwargs))
+        args, kwargs = rebuild(batched)
+        return tuple(args), dict(kwargs)
+
+    def _concatenate_column(self, column: tuple[tuple[str, Any], ...], indices: list[int]) -> Any:
+        name, first = column[0]
+        values = [leaf for _, leaf in column]
+        if not isinstance(first, torch.Tensor):
+            for value, index in zip(values[1:], indices[1:]):
+                if isinstance(value, torch.Tensor) or value != first:
+                    raise ShapeError(
+                        f"cannot batch {name}: invoke {indices[0]} passes {first!r} and invoke "
+                        f"{index} passes {value!r}; inputs that are not tensors must be equal"
+                    )
+            return first
+        for value, index in zip(values, indices):
+            if not isinstance(value, torch.Tensor) or value.dim() == 0:
+                raise ShapeError(
+                    f"cannot batch {name}: invoke {index} passes {describe(value)}; batched "
+                    "inputs must be tensors with a batch dimension first"
+                )
+            if (value.shape[1:], value.dtype, value.device) != (
+                first.shape[1:],
+                first.dtype,
+                first.device,
+            ):
+                raise ShapeError(
+                    f"cannot batch {name}: invoke {indices[0]} passes {describe(first)} and "
+                    f"invoke {index} passes {describe(value)}; all dimensions but the first, "
+                    "the dtype and the device must agree (pad to one length, or trace them "
+                    "separately)"
+                )
+        return torch.cat(values, dim=0)
+
+
+def _named_leaves(entry: Inputs, keys: list[str]) -> list[tuple[str, Any]]:
+    args, kwargs = entry
+    named = []
+    for position, arg in enumerate(args):
+        named.extend((f"input {position}", leaf) for leaf in flatten(arg)[0])
+    for key in keys:
+        named.extend((f"input {key!r}", leaf) for leaf in flatten(kwargs[key])[0])
+    return named
+
+
+def _signature(entry: Inputs) -> str:
+    args, kwargs = entry
+    return f"{len(args)} positional, keywords {sorted(kwargs)}"
+
+
+def _is_batch(leaf: Any, total: int) -> bool:
+    return isinstance(leaf, torch.Tensor) and leaf.dim() > 0 and leaf.shape[0] == total
+
+
+def _narrow_leaf(leaf: Any, rows: slice, total: int) -> Any:
+    if _is_batch(leaf, total):
+        return leaf[rows]
+    return leaf
+
+
+def _merge_rows(leaf: torch.Tensor, position: int, views: list[tuple[slice, list[Any]]]) -> Any:
+    parts = []
+    covered = 0
+    for rows, leaves in views:
+        if rows.start > covered:
+            parts.append(leaf[covered : rows.start])
+        parts.append(leaves[position])
+        covered = rows.stop
+    if covered < leaf.shape[0]:
+        parts.append(leaf[covered:])
+    return torch.cat(parts, dim=0)

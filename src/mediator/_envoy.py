@@ -1,0 +1,219 @@
+"""Envoys: the user's handle on each module, and `Model`, the handle on the whole network.
+
+An Envoy mirrors one submodule (children by attribute, index or name) and turns `.output`,
+`.output = v`, `.inputs`, `.input` and `.skip(v)` into requests of the calling thread's
+mediator. Anything else falls through to the wrapped module (`model.config`), and calling an
+Envoy calls its module plainly, without interventions.
+"""
+
+from __future__ import annotations
+
+import difflib
+import sys
+from typing import Any, Iterator
+
+from torch import nn
+
+from ._batcher import Batcher
+from ._errors import UsageError
+from ._interleaver import INPUT, OUTPUT, Key
+from ._mediator import Mediator, current_mediator
+from ._tap import Tap
+from ._tracer import Tracer
+
+_API = ("output", "input", "inputs", "path")
+
+
+def _where(depth: int = 2) -> str:
+    frame = sys._getframe(depth)
+    return f"{frame.f_code.co_filename}:{frame.f_lineno}"
+
+
+class Envoy:
+    """A proxy for one module of a `Model` (see the SPEC: `model.layers[0].mlp.output`)."""
+
+    def __init__(self, module: nn.Module, path: str, model: Model) -> None:
+        object.__setattr__(self, "_module", module)
+        object.__setattr__(self, "_path", path)
+        object.__setattr__(self, "_model", model)
+        object.__setattr__(self, "_site", model._sites.get(id(module)))
+        children = {
+            name: Envoy(child, f"{path}.{name}" if path else name, model)
+            for name, child in module.named_children()
+        }
+        object.__setattr__(self, "_children", children)
+
+    # -- the module tree ------------------------------------------------------------------
+
+    @property
+    def path(self) -> str:
+        """The module's path in the model, e.g. `"layers.0.mlp"` (the root's is `""`)."""
+        return self._path
+
+    def __getattr__(self, name: str) -> Any:
+        children = self.__dict__["_children"]
+        if name in children:
+            return children[name]
+        module = self.__dict__["_module"]
+        try:
+            return getattr(module, name)
+        except AttributeError:
+            pass
+        raise AttributeError(self._unknown(name)) from None
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in _API or name in type(self).__dict__:
+            object.__setattr__(self, name, value)
+        else:
+            setattr(self._module, name, value)
+
+    def __getitem__(self, key: int | str) -> Envoy:
+        """A child by position (`model.layers[0]`, negative too) or by name (`block["output"]`,
+        also for children whose names clash with the Envoy API)."""
+        children = self._children
+        if isinstance(key, str):
+            if key not in children:
+                raise KeyError(self._unknown(key))
+            return children[key]
+        items = list(children.values())
+        try:
+            return items[key]
+        except IndexError:
+            raise IndexError(
+                f"{self._label()} has {len(items)} children; index {key} is out of range"
+            ) from None
+
+    def __len__(self) -> int:
+        return len(self._children)
+
+    def __iter__(self) -> Iterator[Envoy]:
+        return iter(list(self._children.values()))
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        """Call the module plainly: no interventions, not counted as one of the model's calls."""
+        return self._module(*args, **kwargs)
+
+    def __repr__(self) -> str:
+        return repr(self._module)
+
+    def __dir__(self) -> list[str]:
+        return sorted(set(super().__dir__()) | set(self._children) | set(dir(self._module)))
+
+    def _label(self) -> str:
+        return f"model.{self._path}" if self._path else "model"
+
+    def _unknown(self, name: str) -> str:
+        known = list(self._children) + [n for n in vars(self._module) if not n.startswith("_")]
+        close = difflib.get_close_matches(name, known, n=3, cutoff=0.5)
+        hint = f" Did you mean: {', '.join(repr(c) for c in close)}?" if close else ""
+        children = ", ".join(self._children) or "none"
+        return (
+            f"{self._label()} ({type(self._module).__name__}) has no child or attribute "
+            f"{name!r}.{hint} Its children: {children}"
+        )
+
+    # -- interventions ------------------------------------------------------------------------
+
+    def _request(self, what: str, kind: int) -> tuple[Mediator, Key]:
+        mediator = current_mediator(f"{self._label()}.{what}")
+        if mediator.tracer.model is not self._model:
+            raise UsageError(
+                f"{self._label()}.{what} belongs to another Model than the one this invoke "
+                "traces; use the Envoys of the model passed to this trace"
+            )
+        site = self._site
+        if site is None:
+            raise UsageError(
+                f"{self._label()} is a {type(self._module).__name__} that the model never calls "
+                "itself; use one of its children, e.g. "
+                f"{self._label()}[0].{what}"
+            )
+        return mediator, (site, kind, mediator.step)
+
+    @property
+    def output(self) -> Any:
+        """The module's output for this invoke's rows (blocks until the module has run)."""
+        mediator, key = self._request("output", OUTPUT)
+        return mediator.value(key)
+
+    @output.setter
+    def output(self, value: Any) -> None:
+        mediator, key = self._request("output", OUTPUT)
+        mediator.swap(key, lambda old: value, _where())
+
+    @property
+    def inputs(self) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        """`(args, kwargs)` of the module's call, for this invoke's rows."""
+        mediator, key = self._request("inputs", INPUT)
+        return mediator.value(key)  # type: ignore[no-any-return]
+
+    @inputs.setter
+    def inputs(self, value: tuple[Any, Any]) -> None:
+        mediator, key = self._request("inputs", INPUT)
+        try:
+            args, kwargs = value
+            new = (tuple(args), dict(kwargs))
+        except (TypeError, ValueError):
+            raise TypeError(
+                f"{self._label()}.inputs must be set to (args, kwargs), e.g. ((x,), {{}})"
+            ) from None
+        mediator.swap(key, lambda old: new, _where())
+
+    @property
+    def input(self) -> Any:
+        """The first positional argument of the call (or the first keyword argument)."""
+        mediator, key = self._request("input", INPUT)
+        args, kwargs = mediator.value(key)
+        if args:
+            return args[0]
+        if kwargs:
+            return next(iter(kwargs.values()))
+        raise UsageError(f"{self._label()} was called without arguments: it has no .input")
+
+    @input.setter
+    def input(self, value: Any) -> None:
+        mediator, key = self._request("input", INPUT)
+        label = self._label()
+
+        def replace_first(old: tuple[tuple[Any, ...], dict[str, Any]]) -> Any:
+            args, kwargs = old
+            if args:
+                return ((value, *args[1:]), kwargs)
+            if kwargs:
+                first = next(iter(kwargs))
+                return (args, {**kwargs, first: value})
+            raise UsageError(f"{label} was called without arguments: it has no .input to set")
+
+        mediator.swap(key, replace_first, _where())
+
+    def skip(self, value: Any) -> None:
+        """Do not run this module for this invoke: `value` is its output."""
+        mediator, _ = self._request("skip()", INPUT)
+        mediator.skip((self._site, INPUT, mediator.step), value, _where())
+
+
+class Model(Envoy):
+    """Wraps any `torch.nn.Module` for tracing. The module is not copied and not changed."""
+
+    def __init__(self, module: nn.Module, *, batcher: Batcher | None = None) -> None:
+        if not isinstance(module, nn.Module):
+            raise TypeError(f"mediator.Model wraps a torch.nn.Module, got {type(module).__name__}")
+        paths: list[str] = []
+        taps: list[Tap] = []
+        sites: dict[int, int] = {}
+        for path, sub in module.named_modules():
+            if id(sub) in sites or type(sub).forward is nn.Module.forward:
+                continue
+            sites[id(sub)] = len(paths)
+            paths.append(path)
+            taps.append(Tap(sub))
+        object.__setattr__(self, "_sites", sites)
+        object.__setattr__(self, "_paths", paths)
+        object.__setattr__(self, "_taps", taps)
+        object.__setattr__(self, "_batcher", batcher or Batcher())
+        super().__init__(module, "", self)
+
+    def trace(self, *args: Any, **kwargs: Any) -> Tracer:
+        """A trace: with inputs, its with-body is the single invoke; without, it holds
+        `tr.invoke(...)` blocks. All invokes run in one batched forward pass."""
+        return Tracer(self, args, kwargs)

@@ -1,0 +1,86 @@
+"""Reading and writing the names of the frame that holds a `with` block, and skipping its body.
+
+A with-body runs as a function in a mediator thread, so the names it uses come from the caller's
+frame and the names it binds go back there when the trace ends: at module level (and in class
+bodies, IPython cells) through the namespace dict; in functions through the fast locals, which
+Python 3.13 (PEP 667) writes through `frame.f_locals` and 3.10-3.12 write through
+`PyFrame_LocalsToFast` from the `f_locals` snapshot. Keys we put into that snapshot are removed
+afterwards, so it keeps no activation alive after the user deletes a name.
+
+The caller must not run the body itself: `skip_body` makes the body's first line raise
+`_SkipBody`, which the `with` statement's `__exit__` swallows. Tracing functions are per thread
+and shared with debuggers and coverage tools, so whatever was installed before is restored.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import inspect
+import sys
+import types
+from typing import Any, Callable, Iterable
+
+from ._errors import _SkipBody
+
+_PEP_667 = sys.version_info >= (3, 13)
+
+
+def _optimized(frame: types.FrameType) -> bool:
+    return bool(frame.f_code.co_flags & inspect.CO_OPTIMIZED)
+
+
+def read_names(frame: types.FrameType, names: Iterable[str]) -> dict[str, Any]:
+    """The values of those `names` that are bound in `frame`'s local scope."""
+    scope = frame.f_locals
+    found = {name: scope[name] for name in names if name in scope}
+    if _optimized(frame) and not _PEP_667:
+        for name in found:
+            scope.pop(name, None)
+    return found
+
+
+def write_names(frame: types.FrameType, values: dict[str, Any]) -> None:
+    """Bind `values` in `frame`'s local scope, as if the frame had assigned them."""
+    if not values:
+        return
+    scope = frame.f_locals
+    if not _optimized(frame) or _PEP_667:
+        for name, value in values.items():
+            scope[name] = value
+        return
+    scope.update(values)
+    ctypes.pythonapi.PyFrame_LocalsToFast(ctypes.py_object(frame), ctypes.c_int(0))
+    for name in values:
+        scope.pop(name, None)
+
+
+class BodySkipper:
+    """Makes `frame` raise `_SkipBody` on its first line in `first..last`; `restore()` puts
+    the thread's and the frame's tracing back as they were."""
+
+    def __init__(self, frame: types.FrameType, first: int, last: int) -> None:
+        self.frame = frame
+        self.previous_global = sys.gettrace()
+        self.previous_local = frame.f_trace
+        self.active = True
+
+        def local(traced: types.FrameType, event: str, arg: Any) -> Callable[..., Any] | None:
+            if event == "line" and first <= traced.f_lineno <= last:
+                raise _SkipBody
+            return local
+
+        previous_global = self.previous_global
+
+        def global_(traced: types.FrameType, event: str, arg: Any) -> Any:
+            return previous_global(traced, event, arg) if previous_global else None
+
+        frame.f_trace = local
+        sys.settrace(global_)
+
+    def restore(self) -> None:
+        if not self.active:
+            return
+        self.active = False
+        sys.settrace(self.previous_global)
+        self.frame.f_trace = self.previous_local
+        self.frame = None  # type: ignore[assignment]

@@ -1,0 +1,492 @@
+"""The Interleaver: the model side of a trace, and the protocol it keeps with the mediators.
+
+Threads
+    One *model thread* (the thread that opened the trace) runs the forward pass. Each invoke runs
+    as a *mediator* on a worker thread (`_mediator.py`). Every mediator has an inbox (a
+    `SimpleQueue`); the interleaver has one inbox too.
+
+The baton
+    At any moment exactly one of these threads runs trace code; every other one is blocked in a
+    `get()` on its own inbox. Handing over is `their_inbox.put(...)` followed at once by
+    `my_inbox.get()`. The model thread hands the baton to a mediator (`_resume`) and gets it back
+    when that mediator blocks on its next request or ends. So no state below needs a lock: only
+    the baton holder reads or writes it, and a mediator holding the baton may read the current
+    boundary and the call counters directly.
+
+Events, mediator -> interleaver (each a field of the mediator that the interleaver reads once
+it has the baton back)
+    VALUE   `mediator.waiting = Request(VALUE, key)`: blocks until the model reaches `key`
+            (site, INPUT/OUTPUT, call). A request for the boundary the model stands at is
+            answered by the mediator itself, without a handoff; one for a boundary already
+            passed raises `OutOfOrderError` in the body at once.
+    SWAP    `mediator.ops.append(Op(key, ...))`: does not block. Applied when the model reaches
+            `key` (or at once when it stands there). A late error (wrong shape, never reached)
+            is raised in the body at the request it is blocked on, naming the line of the swap.
+    SKIP    like SWAP, at the input boundary of a call: the call does not run for that invoke.
+    BARRIER `mediator.waiting = Request(BARRIER, barrier)`: blocks until every participant
+            arrived; the interleaver then resumes them in definition order.
+    NAME    `mediator.waiting = Request(NAME, name)`: a with-body reads a name another body
+            binds; blocks until some body has bound it.
+    END     `mediator.done = True`: the body returned (`result`) or raised (`error`).
+
+Replies, interleaver -> mediator (what `get()` returns in the mediator)
+    a value (VALUE, NAME), None (BARRIER released), or a `_Signal` carrying an exception to
+    raise at the blocked request: MissedProviderError, NameError, ..., or `_Cancelled`.
+
+States of a mediator: STARTING (submitted, not yet blocked) -> BLOCKED (waiting set) <-> RUNNING
+(holds the baton) -> DONE. Once cancelled, every further request raises `_Cancelled` at once.
+
+Order of a trace (`run`)
+    1. Start the mediators one by one in definition order; each runs until it blocks or ends.
+    2. Run the forward. At each boundary whose site someone watches (`watch[site] > 0`), serve
+       the mediators in definition order: apply their ops for this boundary, then resume each
+       one whose VALUE request is for it. After every resume, settle barriers and name waits.
+       A boundary nobody watches costs two list reads and no queue traffic.
+    3. After the forward: every request still open can no longer be served. Resume each blocked
+       mediator with MissedProviderError (or NameError, or an unfinished-barrier error) until
+       all are DONE.
+    On any failure (an exception from a body, the model, or Ctrl-C) the forward stops and every
+    mediator that is not DONE is resumed with `_Cancelled` (a busy one also gets it as an
+    asynchronous exception), and waited for; then the failure is raised to the caller.
+
+Every wait has a way out: a mediator blocked in `get()` is always resumed (by the model thread,
+which owns the order above and finishes it in `finally`), and the model thread waits only for a
+mediator that holds the baton, which ends in a request, an END, or an exception turned into END.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable
+
+import torch
+
+from ._batcher import Batcher
+from ._errors import MediatorError, MissedProviderError, OutOfOrderError, _Cancelled
+
+if TYPE_CHECKING:
+    from ._mediator import Mediator
+
+INPUT, OUTPUT = 0, 1
+KIND_NAMES = ("input", "output")
+VALUE, BARRIER, NAME = "VALUE", "BARRIER", "NAME"
+
+Key = tuple[int, int, int]  # (site, INPUT/OUTPUT, call)
+
+
+@dataclass(slots=True)
+class Request:
+    """What a blocked mediator waits for."""
+
+    kind: str
+    target: Any  # Key for VALUE, Barrier for BARRIER, a name for NAME
+
+
+@dataclass(slots=True)
+class Op:
+    """A request that needs no answer: a swap or a skip, applied when the model reaches `key`."""
+
+    key: Key
+    apply: Callable[[Any], Any] | None  # swap: new view from old view; None for a skip
+    skip_value: Any
+    where: str  # the user's file and line, for late errors
+
+
+@dataclass(slots=True)
+class _Signal:
+    """A reply that makes the blocked request raise `error` in the body."""
+
+    error: BaseException
+
+
+class _Abort(BaseException):
+    """Unwinds the forward pass when the trace must stop (a body failed, or was stopped)."""
+
+
+@dataclass(eq=False)
+class Barrier:
+    """`tr.barrier(n)`: calling it blocks a body until `n` bodies have called it."""
+
+    parties: int
+    arrived: list[Mediator] = field(default_factory=list)
+
+    def __call__(self) -> None:
+        from ._mediator import current_mediator
+
+        current_mediator("a barrier").wait_at_barrier(self)
+
+
+class Boundary:
+    """The value at the boundary the model thread stands at, and each invoke's view of it."""
+
+    __slots__ = ("interleaver", "key", "value", "views", "dirty", "skips")
+
+    def __init__(self, interleaver: Interleaver, key: Key, value: Any) -> None:
+        self.interleaver = interleaver
+        self.key = key
+        self.value = value
+        self.views: dict[Mediator, Any] = {}
+        self.dirty = False  # views must be merged back into `value`
+        self.skips: dict[Mediator, Any] = {}
+
+    def view(self, mediator: Mediator) -> Any:
+        """What `mediator` sees here: its rows of the value (the same object on every read)."""
+        view = self.views.get(mediator, _MISSING)
+        if view is not _MISSING:
+            return view
+        il = self.interleaver
+        if mediator.rows is None:
+            view = self.value = self.merged()
+        else:
+            view = il.batcher.narrow(self.value, mediator.rows, il.total)
+            if torch.is_grad_enabled() and _requires_grad(view):
+                self.dirty = True  # so the rest of the forward computes from this very view
+        self.views[mediator] = view
+        return view
+
+    def swap(self, mediator: Mediator, apply: Callable[[Any], Any], where: str) -> None:
+        """Replace `mediator`'s view by `apply(view)`; raises ShapeError if it does not fit."""
+        old = self.view(mediator)
+        new = apply(old)
+        self.interleaver.batcher.check_replacement(old, new, f"{self.describe()} at {where}")
+        if mediator.rows is None:
+            self.value = new
+            self.views = {mediator: new}
+            self.dirty = False
+        else:
+            self.views[mediator] = new
+            self.dirty = True
+
+    def merged(self) -> Any:
+        """The full value with every invoke's edits written back."""
+        if self.dirty:
+            il = self.interleaver
+            views = sorted(
+                ((m.rows, v) for m, v in self.views.items() if m.rows is not None),
+                key=lambda item: item[0].start,
+            )
+            self.value = il.batcher.merge(self.value, views, il.total)
+            self.dirty = False
+        return self.value
+
+    def describe(self) -> str:
+        return self.interleaver.describe(self.key)
+
+
+_MISSING = object()
+
+
+def _requires_grad(value: Any) -> bool:
+    if isinstance(value, torch.Tensor):
+        return value.requires_grad
+    from ._tree import flatten
+
+    return any(isinstance(leaf, torch.Tensor) and leaf.requires_grad for leaf in flatten(value)[0])
+
+
+class Interleaver:
+    """Runs one batched forward pass and serves the mediators of a trace at its boundaries."""
+
+    def __init__(
+        self,
+        paths: list[str],
+        mediators: list[Mediator],
+        batcher: Batcher,
+        total: int,
+    ) -> None:
+        self.paths = paths
+        self.mediators = mediators
+        self.batcher = batcher
+        self.total = total
+        sites = len(paths)
+        self.started = [0] * sites  # calls of each site that began
+        self.finished = [0] * sites  # calls of each site whose output boundary passed
+        self.watch = [0] * sites  # open requests and ops per site
+        self.current: Boundary | None = None
+        self.forward_done = False
+        self.inbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self.running: Mediator | None = None
+        self.failure: BaseException | None = None
+        self.barriers: list[Barrier] = []
+
+    # -- the model thread's side -------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start every mediator in definition order and let each run to its first request."""
+        for mediator in self.mediators:
+            mediator.bind(self)
+            self.running = mediator
+            mediator.launch()
+            self._wait_for_baton()
+            self._settle()
+
+    def call(self, site: int, original: Callable[..., Any], args: Any, kwargs: Any) -> Any:
+        """One call of a tapped module by the model thread (see `_tap.Tap`)."""
+        call = self.started[site]
+        self.started[site] = call + 1
+        skip = None
+        if self.watch[site]:
+            boundary = self._serve((site, INPUT, call), (args, kwargs))
+            args, kwargs = boundary.merged()
+            if boundary.skips:
+                skip = boundary
+        if skip is None:
+            output = original(*args, **kwargs)
+        else:
+            output = self._skip(skip, original, args, kwargs)
+        if self.watch[site]:
+            output = self._serve((site, OUTPUT, call), output).merged()
+        self.finished[site] += 1
+        return output
+
+    def finish(self) -> None:
+        """The forward returned: fail every request that is still open, until all bodies end."""
+        self.forward_done = True
+        self.current = None
+        while True:
+            blocked = [m for m in self.mediators if not m.done]
+            if not blocked:
+                self._check_unused_ops()
+                return
+            mediator = next((m for m in blocked if m.waiting.kind == VALUE or m.ops), None)
+            if mediator is None:
+                if self._settle():
+                    continue
+                mediator = blocked[0]  # waits on a name or barrier nobody can satisfy now
+            self._resume(mediator, _Signal(self._unserved(mediator)))
+            self._settle()
+
+    def cancel(self, deadline: float | None) -> bool:
+        """Stop every mediator that has not ended, one by one; False if `deadline` (monotonic)
+        passed first."""
+        for mediator in self.mediators:
+            if mediator.done or not mediator.bound:
+                continue
+            mediator.cancelled = True
+            if self.running is mediator:  # busy in the body's own code (after a Ctrl-C)
+                mediator.interrupt()
+            self.running = mediator
+            mediator.inbox.put(_Signal(_Cancelled()))
+            while not mediator.done:
+                if not self._next_message(deadline):
+                    return False
+            self.running = None
+        return True
+
+    def _check_unused_ops(self) -> None:
+        for mediator in self.mediators:
+            if mediator.ops:
+                self.failure = self.failure or self._unserved(mediator)
+                raise _Abort
+
+    # -- serving boundaries ------------------------------------------------------------------
+
+    def _serve(self, key: Key, value: Any) -> Boundary:
+        boundary = Boundary(self, key, value)
+        self.current = boundary
+        site = key[0]
+        for mediator in self.mediators:
+            if mediator.ops:
+                self._apply_ops(mediator, boundary)
+            waiting = mediator.waiting
+            if waiting is not None and waiting.kind == VALUE and waiting.target == key:
+                self.watch[site] -= 1
+                mediator.waiting = None
+                self._resume(mediator, boundary.view(mediator))
+                self._settle()
+        self.current = None
+        return boundary
+
+    def _apply_ops(self, mediator: Mediator, boundary: Boundary) -> None:
+        remaining = []
+        for op in mediator.ops:
+            if op.key != boundary.key:
+                remaining.append(op)
+                continue
+            self.watch[op.key[0]] -= 1
+            try:
+                if op.apply is None:
+                    boundary.skips[mediator] = op.skip_value
+                else:
+                    boundary.swap(mediator, op.apply, op.where)
+            except MediatorError as error:
+                mediator.ops = remaining + mediator.ops[len(remaining) + 1 :]
+                self._fail_body(mediator, error)
+                return
+        mediator.ops = remaining
+
+    def _skip(self, boundary: Boundary, original: Callable[..., Any], args: Any, kwargs: Any) -> Any:
+        """Run a call that some invokes skip: skipped rows get the invokes' own values."""
+        skips = boundary.skips
+        whole = next((v for m, v in skips.items() if m.rows is None), _MISSING)
+        if whole is not _MISSING:
+            return whole
+        covered = sum(m.rows.stop - m.rows.start for m in skips)
+        if covered == self.total:
+            views = sorted(((m.rows, v) for m, v in skips.items()), key=lambda i: i[0].start)
+            return _concat_views(views)
+        output = original(*args, **kwargs)
+        key = (boundary.key[0], OUTPUT, boundary.key[2])
+        partial = Boundary(self, key, output)
+        for mediator, value in skips.items():
+            partial.swap(mediator, lambda old, value=value: value, "skip")
+        return partial.merged()
+
+    def _fail_body(self, mediator: Mediator, error: BaseException) -> None:
+        """Raise a late error (from a SWAP or SKIP) in the body, at the request it waits on."""
+        if mediator.waiting is None:  # the body already ended: the trace fails with it
+            self.failure = self.failure or error
+            raise _Abort
+        self._withdraw(mediator)
+        self._resume(mediator, _Signal(error))
+        self._settle()
+
+    def _withdraw(self, mediator: Mediator) -> None:
+        waiting = mediator.waiting
+        if waiting is not None and waiting.kind == VALUE:
+            self.watch[waiting.target[0]] -= 1
+        elif waiting is not None and waiting.kind == BARRIER:
+            waiting.target.arrived.remove(mediator)
+        mediator.waiting = None
+
+    def _settle(self) -> bool:
+        """Release complete barriers and name waits that can be answered; True if any was."""
+        progressed = False
+        again = True
+        while again:
+            again = False
+            for barrier in self.barriers:
+                if len(barrier.arrived) >= barrier.parties:
+                    released, barrier.arrived = barrier.arrived, []
+                    for mediator in sorted(released, key=self.mediators.index):
+                        mediator.waiting = None
+                        self._resume(mediator, None)
+                    again = progressed = True
+            for mediator in self.mediators:
+                waiting = mediator.waiting
+                if waiting is None or waiting.kind != NAME:
+                    continue
+                found, value = self._lookup(mediator, waiting.target)
+                if not found and self._may_bind(mediator, waiting.target):
+                    continue
+                mediator.waiting = None
+                self._resume(mediator, value if found else _Signal(self._unbound(waiting.target)))
+                again = progressed = True
+        return progressed
+
+    def _lookup(self, asker: Mediator, name: str) -> tuple[bool, Any]:
+        for mediator in self.mediators:
+            if mediator is not asker:
+                found, value = mediator.binding(name)
+                if found:
+                    return True, value
+        return False, None
+
+    def _may_bind(self, asker: Mediator, name: str) -> bool:
+        return any(
+            m is not asker and not m.done and name in m.assigns for m in self.mediators
+        )
+
+    @staticmethod
+    def _unbound(name: str) -> NameError:
+        return NameError(
+            f"name {name!r} is not defined: no other invoke of this trace bound it "
+            "before the forward pass ended"
+        )
+
+    def _unserved(self, mediator: Mediator) -> BaseException:
+        """The error for a blocked mediator whose request the finished forward cannot serve."""
+        waiting = mediator.waiting
+        self._withdraw(mediator)
+        if mediator.ops:
+            op = mediator.ops.pop(0)
+            self.watch[op.key[0]] -= 1
+            what = "skip of" if op.apply is None else "value set for"
+            return MissedProviderError(
+                f"the {what} {self.describe(op.key)} at {op.where} was never used: "
+                f"{self._never(op.key)}"
+            )
+        assert waiting is not None
+        if waiting.kind == VALUE:
+            return MissedProviderError(
+                f"{self.describe(waiting.target)} was never computed: {self._never(waiting.target)}"
+            )
+        if waiting.kind == BARRIER:
+            barrier = waiting.target
+            return MediatorError(
+                f"tr.barrier({barrier.parties}) was reached by only "
+                f"{len(barrier.arrived) + 1} bodies before the forward pass ended; every body "
+                "that shares a barrier must call it"
+            )
+        return self._unbound(waiting.target)
+
+    def _never(self, key: Key) -> str:
+        site, _, call = key
+        calls = self.started[site]
+        path = self.paths[site] or "the model"
+        if calls == 0:
+            return f"{path} was not called in this forward pass"
+        return f"{path} was called {calls} time(s) in this forward pass, so call {call} never came"
+
+    # -- the baton --------------------------------------------------------------------------
+
+    def _resume(self, mediator: Mediator, reply: Any) -> None:
+        """Hand the baton to a blocked mediator and wait until it blocks again or ends."""
+        self.running = mediator
+        mediator.inbox.put(reply)
+        self._wait_for_baton()
+
+    def _wait_for_baton(self) -> None:
+        mediator = self.running
+        assert mediator is not None
+        self.inbox.get()
+        self.running = None
+        if mediator.error is not None and self.failure is None:
+            self.failure = mediator.error
+            raise _Abort
+
+    def _next_message(self, deadline: float | None) -> bool:
+        if deadline is None:
+            self.inbox.get()
+            return True
+        try:
+            self.inbox.get(timeout=max(0.0, deadline - time.monotonic()))
+        except queue.Empty:
+            return False
+        return True
+
+    # -- for mediators (called while they hold the baton) ------------------------------------
+
+    def passed(self, key: Key) -> bool:
+        """Whether the model already went past boundary `key`."""
+        site, kind, call = key
+        return (self.started if kind == INPUT else self.finished)[site] > call
+
+    def describe(self, key: Key) -> str:
+        site, kind, call = key
+        path = self.paths[site]
+        name = f"{path}.{KIND_NAMES[kind]}" if path else f"model.{KIND_NAMES[kind]}"
+        return f"{name} (call {call})"
+
+
+def _concat_views(views: list[tuple[slice, Any]]) -> Any:
+    from ._tree import flatten
+
+    flat = [flatten(value) for _, value in views]
+    leaves = [
+        torch.cat(column, dim=0) if isinstance(column[0], torch.Tensor) else column[0]
+        for column in zip(*(leaves for leaves, _ in flat))
+    ]
+    return flat[0][1](leaves)
+
+
+def async_raise(thread: threading.Thread, error: type[BaseException]) -> None:
+    """Raise `error` in `thread` at its next check for pending events (a call or a loop)."""
+    ident = thread.ident
+    if ident is not None:
+        ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(ident), ctypes.py_object(error))
+

@@ -1,0 +1,283 @@
+"""The Mediator: one invoke body running in its own worker thread.
+
+A mediator turns what its body does with Envoys (`.output`, `.output = v`, `.skip(v)`, barriers,
+names bound by other bodies) into the events of the protocol described in `_interleaver.py`, and
+blocks while it waits. Whatever a body does, its thread ends the body by reporting END: its
+result or its exception, which the trace raises in the caller with the body's own traceback.
+"""
+
+from __future__ import annotations
+
+import builtins
+import contextlib
+import os
+import queue
+import sys
+import threading
+import types
+from typing import Any, Callable
+
+from ._errors import MissedProviderError, OutOfOrderError, UsageError, _Cancelled
+from ._interleaver import (
+    BARRIER,
+    NAME,
+    VALUE,
+    Barrier,
+    Interleaver,
+    Key,
+    Op,
+    Request,
+    _Signal,
+    async_raise,
+)
+from ._torchstate import TorchState
+from ._workers import POOL
+
+_local = threading.local()
+_HERE = os.path.dirname(__file__)
+
+
+def current_mediator(what: str) -> Mediator:
+    """The mediator whose body runs on this thread; UsageError outside any invoke body."""
+    mediator: Mediator | None = getattr(_local, "mediator", None)
+    if mediator is None:
+        raise UsageError(
+            f"{what} can only be used inside an invoke body (the code under "
+            "`with model.trace(x):` or `with tr.invoke(x):`, or a function passed to "
+            "`tr.invoke(x).run(fn)`); outside a trace, call the model or module directly"
+        )
+    return mediator
+
+
+class Mediator:
+    """One invoke: a body to run, its rows of the batch, and its side of the protocol."""
+
+    def __init__(
+        self,
+        tracer: Any,
+        index: int,
+        body: Callable[..., Any],
+        args: tuple[Any, ...],
+        rows: slice | None,
+        state: TorchState,
+        assigns: frozenset[str] = frozenset(),
+        fallbacks: dict[str, Any] | None = None,
+    ) -> None:
+        self.tracer = tracer
+        self.index = index
+        self.body: Callable[..., Any] | None = body
+        self.args: tuple[Any, ...] | None = args
+        self.rows = rows
+        self.state = state
+        self.assigns = assigns  # names a with-body binds (for names other bodies wait on)
+        self.fallbacks = fallbacks or {}
+        self.inbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self.interleaver: Interleaver | None = None
+        self.waiting: Request | None = None
+        self.ops: list[Op] = []
+        self.step = 0
+        self.bound = self.done = self.cancelled = False
+        self.result: Any = None
+        self.error: BaseException | None = None
+        self.code: types.CodeType | None = None  # a with-body's code, to find its frame
+        self.final_locals: dict[str, Any] | None = None
+        self.thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+        self._in_body = False
+        self._interrupted = False
+
+    def __repr__(self) -> str:
+        return f"<Mediator of invoke {self.index}>"
+
+    # -- lifecycle (model thread) -----------------------------------------------------------
+
+    def bind(self, interleaver: Interleaver) -> None:
+        self.interleaver = interleaver
+        self.bound = True
+
+    def launch(self) -> None:
+        POOL.submit(self._run)
+
+    def interrupt(self) -> None:
+        """Raise `_Cancelled` in the body if it is busy in its own code (after Ctrl-C)."""
+        with self._lock:
+            if self._in_body and self.thread is not None and not self._interrupted:
+                self._interrupted = True
+                async_raise(self.thread, _Cancelled)
+
+    # -- the worker thread -------------------------------------------------------------------
+
+    def _run(self, done: Callable[[], None]) -> None:
+        self.thread = threading.current_thread()
+        _local.mediator = self
+        try:
+            with contextlib.ExitStack() as stack:
+                self.state.enter(stack)
+                try:
+                    with self._lock:
+                        self._in_body = True
+                    try:
+                        if self.cancelled:
+                            raise _Cancelled
+                        assert self.body is not None and self.args is not None
+                        self.result = self.body(*self.args)
+                    finally:
+                        with self._lock:
+                            self._in_body = False
+                except _Cancelled:
+                    pass
+                except BaseException as error:  # noqa: BLE001 - reported to the caller
+                    self.error = error.with_traceback(_user_traceback(error.__traceback__))
+        except _Cancelled:  # an interrupt that landed after the body ended
+            pass
+        if self._interrupted:
+            try:
+                _absorb_pending_interrupt()
+            except _Cancelled:
+                pass
+        _local.mediator = None
+        self.body = self.args = None
+        self.thread = None
+        interleaver = self.interleaver
+        assert interleaver is not None
+        self.done = True
+        done()
+        interleaver.inbox.put(self)
+
+    # -- requests (worker thread, holding the baton) ------------------------------------------
+
+    def value(self, key: Key) -> Any:
+        """VALUE: the value at `key` for this invoke's rows, waiting until the model gets there."""
+        interleaver = self._live()
+        current = interleaver.current
+        if current is not None and current.key == key:
+            return current.view(self)
+        self._check_order(interleaver, key)
+        interleaver.watch[key[0]] += 1
+        return self._block(Request(VALUE, key))
+
+    def swap(self, key: Key, apply: Callable[[Any], Any], where: str) -> None:
+        """SWAP: replace the value at `key` by `apply(old view)`; does not wait."""
+        interleaver = self._live()
+        current = interleaver.current
+        if current is not None and current.key == key:
+            current.swap(self, apply, where)
+            return
+        self._check_order(interleaver, key)
+        interleaver.watch[key[0]] += 1
+        self.ops.append(Op(key, apply, None, where))
+
+    def skip(self, key: Key, value: Any, where: str) -> None:
+        """SKIP: the call at `key` (an input boundary) does not run for this invoke."""
+        interleaver = self._live()
+        current = interleaver.current
+        if current is not None and current.key == key:
+            current.skips[self] = value
+            return
+        self._check_order(interleaver, key)
+        interleaver.watch[key[0]] += 1
+        self.ops.append(Op(key, None, value, where))
+
+    def wait_at_barrier(self, barrier: Barrier) -> None:
+        """BARRIER: block until every party of `barrier` has arrived."""
+        interleaver = self._live()
+        if barrier not in interleaver.barriers:
+            interleaver.barriers.append(barrier)
+        barrier.arrived.append(self)
+        self._block(Request(BARRIER, barrier))
+
+    def lookup_name(self, name: str) -> Any:
+        """A name this with-body reads and another body binds: wait until one has bound it."""
+        interleaver = self._live()
+        found, value = interleaver._lookup(self, name)
+        if found:
+            return value
+        try:
+            return self._block(Request(NAME, name))
+        except NameError:
+            if name in self.fallbacks:
+                return self.fallbacks[name]
+            if hasattr(builtins, name):
+                return getattr(builtins, name)
+            raise
+
+    def keep_locals(self, scope: dict[str, Any]) -> None:
+        """Called by a with-body as it ends: the names it bound, to write back and share."""
+        self.final_locals = scope
+
+    def binding(self, name: str) -> tuple[bool, Any]:
+        """Whether this body has bound `name` so far, and to what."""
+        if name not in self.assigns:
+            return False, None
+        if self.final_locals is not None:
+            scope = self.final_locals
+        else:
+            frame = self._body_frame()
+            if frame is None:
+                return False, None
+            scope = frame.f_locals
+        if name in scope:
+            return True, scope[name]
+        return False, None
+
+    def _body_frame(self) -> Any:
+        thread = self.thread
+        if thread is None or thread.ident is None:
+            return None
+        frame = sys._current_frames().get(thread.ident)
+        while frame is not None and frame.f_code is not self.code:
+            frame = frame.f_back
+        return frame
+
+    def _live(self) -> Interleaver:
+        if self.cancelled:
+            raise _Cancelled
+        interleaver = self.interleaver
+        assert interleaver is not None
+        return interleaver
+
+    def _check_order(self, interleaver: Interleaver, key: Key) -> None:
+        if interleaver.passed(key):
+            here = interleaver.current
+            where = f" (it is now at {here.describe()})" if here is not None else ""
+            raise OutOfOrderError(
+                f"{interleaver.describe(key)} was requested after the model had already "
+                f"computed it{where}. Request values in the order the model computes them; "
+                "to use a value in a later invoke, read it in an earlier one"
+            )
+        if interleaver.forward_done:
+            raise MissedProviderError(
+                f"{interleaver.describe(key)} was requested after the forward pass ended: "
+                f"{interleaver._never(key)}"
+            )
+
+    def _block(self, request: Request) -> Any:
+        interleaver = self.interleaver
+        assert interleaver is not None
+        self.waiting = request
+        interleaver.inbox.put(self)
+        reply = self.inbox.get()
+        if type(reply) is _Signal:
+            if isinstance(reply.error, _Cancelled):
+                self.cancelled = True
+            raise reply.error
+        return reply
+
+
+def _absorb_pending_interrupt() -> None:
+    """Does nothing, but entering it runs the interpreter's pending-event check, where an
+    asynchronous `_Cancelled` sent just before the body ended is raised (and then caught)."""
+
+
+def _user_traceback(tb: Any) -> Any:
+    """Drop the frames of this package from a traceback, keeping the user's own."""
+    kept = []
+    while tb is not None:
+        if not tb.tb_frame.f_code.co_filename.startswith(_HERE):
+            kept.append(tb)
+        tb = tb.tb_next
+    rebuilt = None
+    for entry in reversed(kept):
+        rebuilt = types.TracebackType(rebuilt, entry.tb_frame, entry.tb_lasti, entry.tb_lineno)
+    return rebuilt
+

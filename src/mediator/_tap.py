@@ -1,0 +1,89 @@
+"""Module boundaries: where the model thread meets the Interleaver.
+
+While a trace runs, each module of the traced model gets an instance attribute `forward` (a
+"tap") that routes calls made by the tracing thread to that trace's Interleaver and passes every
+other call straight through. Outside traces nothing is installed, so the model costs exactly what
+it cost before; PyTorch hooks (the user's own included) are never touched and still run around
+the tap. Taps are shared: two traces of the same module from two threads (or two `Model`s wrapping
+it) route by thread, and the last one to leave restores the module's own `forward`.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any, Callable
+
+from torch import nn
+
+_ABSENT = object()
+_LOCK = threading.Lock()
+
+#: `Interleaver.call(site, original, args, kwargs)`, and the site index of this module in it.
+Route = tuple[Any, int]
+
+
+class Tap:
+    """The `forward` wrapper of one module and the table of threads that trace it."""
+
+    __slots__ = ("module", "saved", "routes", "forward")
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+        self.saved = module.__dict__.get("forward", _ABSENT)
+        original: Callable[..., Any] = module.forward
+        routes: dict[int, Route] = {}
+        get_route = routes.get
+        get_ident = threading.get_ident
+
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            route = get_route(get_ident())
+            if route is None:
+                return original(*args, **kwargs)
+            return route[0].call(route[1], original, args, kwargs)
+
+        forward.__mediator_tap__ = self  # type: ignore[attr-defined]
+        self.routes = routes
+        self.forward = forward
+
+    def fresh(self) -> bool:
+        """Whether the module still has the `forward` this tap was built around."""
+        return self.module.__dict__.get("forward", _ABSENT) is self.saved
+
+
+def attach(taps: list[Tap], interleaver: Any) -> list[Tap]:
+    """Route the calling thread's calls of each tapped module to `interleaver`.
+
+    Returns the taps actually installed (a module already tapped by another trace keeps that
+    trace's tap); pass them to `detach`.
+    """
+    ident = threading.get_ident()
+    attached = []
+    with _LOCK:
+        for site, tap in enumerate(taps):
+            current = tap.module.__dict__.get("forward", _ABSENT)
+            active = getattr(current, "__mediator_tap__", None)
+            if active is None:
+                if not tap.fresh():
+                    tap = Tap(tap.module)
+                    taps[site] = tap
+                tap.module.__dict__["forward"] = tap.forward
+                active = tap
+            active.routes[ident] = (interleaver, site)
+            attached.append(active)
+    return attached
+
+
+def detach(attached: list[Tap]) -> None:
+    """Undo `attach` for the calling thread; restore `forward` where no other trace remains."""
+    ident = threading.get_ident()
+    with _LOCK:
+        for tap in attached:
+            tap.routes.pop(ident, None)
+            if tap.routes:
+                continue
+            if tap.module.__dict__.get("forward") is not tap.forward:
+                continue  # replaced by someone else during the trace: theirs stays
+            if tap.saved is _ABSENT:
+                del tap.module.__dict__["forward"]
+            else:
+                tap.module.__dict__["forward"] = tap.saved

@@ -1,0 +1,242 @@
+"""Traces and invokes: what `model.trace(...)` returns, and how a trace runs.
+
+Lifecycle of a `Tracer`: OPEN (collecting invokes) -> RUN (one batched forward with its
+mediators, exactly once) -> CLOSED. `model.trace(x)` with inputs makes its own with-body the
+single invoke and runs at once, in `__enter__`; `model.trace()` without inputs collects
+`tr.invoke(...)` blocks (with-bodies or `.run(fn)` functions) and runs when its block exits.
+Either way, when the run ends, successful or not, the names the with-bodies bound are written
+back into the caller's scope, function futures are resolved, and no mediator, tap or activation
+of the trace is left.
+"""
+
+from __future__ import annotations
+
+import builtins
+import concurrent.futures
+import sys
+import time
+import types
+from typing import TYPE_CHECKING, Any, Callable
+
+from ._errors import MediatorError, UsageError, _SkipBody
+from ._frames import BodySkipper, read_names, write_names
+from ._interleaver import Barrier, Interleaver, _Abort
+from ._mediator import Mediator, _local, _user_traceback
+from ._source import BodySource, capture, compile_body
+from ._tap import attach, detach
+from ._torchstate import TorchState
+
+if TYPE_CHECKING:
+    from ._envoy import Model
+
+OPEN, RUN, CLOSED = "open", "running", "closed"
+
+
+class Invoke:
+    """One invoke of a trace: its inputs, and a with-body or a function to run."""
+
+    def __init__(self, tracer: Tracer, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        self.tracer = tracer
+        self.inputs = (args, kwargs) if args or kwargs else None
+        self.source: BodySource | None = None
+        self.scope: dict[str, Any] = {}  # the enclosing names the body uses
+        self.function: tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]] | None = None
+        self.future: _InvokeFuture | None = None
+        self._skipper: BodySkipper | None = None
+
+    def __enter__(self) -> Invoke:
+        self.tracer._add(self, "with tr.invoke(...)")
+        frame = sys._getframe(1)
+        self._capture(frame, self, "tr.invoke(...)")
+        return self
+
+    def __exit__(self, kind: Any, error: Any, tb: Any) -> bool:
+        if self._skipper is not None:
+            self._skipper.restore()
+            self._skipper = None
+        return kind is _SkipBody
+
+    def run(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> concurrent.futures.Future:
+        """Run `fn(*args, **kwargs)` as this invoke's body; its result arrives in the future
+        when the trace has run (after the `with model.trace()` block)."""
+        if not callable(fn):
+            raise TypeError(
+                f"tr.invoke(...).run() needs a callable, got {type(fn).__name__}; pass the "
+                "function itself, e.g. .run(fn, arg) rather than .run(fn(arg))"
+            )
+        self.tracer._add(self, "tr.invoke(...).run(fn)")
+        self.function = (fn, args, kwargs)
+        self.future = _InvokeFuture(self.tracer)
+        return self.future
+
+    def _capture(self, frame: types.FrameType, entered: Any, what: str) -> None:
+        source = capture(frame, what)
+        self.source = source
+        self.scope = read_names(frame, source.loads | source.assigns)
+        if source.as_name is not None:
+            self.scope[source.as_name] = entered
+        if not source.trivial:
+            self._skipper = BodySkipper(frame, source.first_line, source.last_line)
+
+    def _mediator(self, index: int, rows: slice | None, state: TorchState, shared: set[str]):
+        tracer = self.tracer
+        if self.function is not None:
+            fn, args, kwargs = self.function
+            return Mediator(tracer, index, lambda: fn(*args, **kwargs), (), rows, state)
+        source = self.source
+        assert source is not None
+        cross = frozenset((source.loads - source.assigns - source.declared_global) & shared)
+        params = tuple(sorted(name for name in self.scope if name not in cross))
+        code = compile_body(source, params, cross)
+        fallbacks = {name: self.scope[name] for name in cross if name in self.scope}
+        mediator = Mediator(
+            tracer, index, None, (), rows, state, source.assigns, fallbacks  # type: ignore[arg-type]
+        )
+        globals_ = tracer._globals
+        mediator.body = types.FunctionType(code, globals_)
+        mediator.code = code
+        mediator.args = (
+            mediator.keep_locals,
+            mediator.lookup_name,
+            builtins.locals,
+            *(self.scope[name] for name in params),
+        )
+        return mediator
+
+
+class Tracer:
+    """`model.trace(...)`: one batched forward pass with the invokes defined in its block."""
+
+    def __init__(self, model: Model, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        self.model = model
+        self._invokes: list[Invoke] = []
+        self._own = Invoke(self, args, kwargs) if args or kwargs else None
+        self._state = OPEN
+        self._globals: dict[str, Any] = {}
+        self._output: Any = None
+
+    def __enter__(self) -> Tracer:
+        frame = sys._getframe(1)
+        self._globals = frame.f_globals
+        own = self._own
+        if own is not None:
+            self._invokes.append(own)
+            own._capture(frame, self, "model.trace(...)")
+            try:
+                self._run(frame)
+            except BaseException:
+                if own._skipper is not None:
+                    own._skipper.restore()
+                raise
+        return self
+
+    def __exit__(self, kind: Any, error: Any, tb: Any) -> bool:
+        own = self._own
+        if own is not None:
+            return own.__exit__(kind, error, tb)
+        if kind is not None:
+            self._state = CLOSED  # the block itself failed: nothing runs
+            return False
+        self._run(sys._getframe(1))
+        return False
+
+    def invoke(self, *args: Any, **kwargs: Any) -> Invoke:
+        """A new invoke with these inputs (none: the whole batch of the other invokes)."""
+        return Invoke(self, args, kwargs)
+
+    def barrier(self, parties: int) -> Barrier:
+        """A barrier for `parties` invokes: each calls it and waits until all have."""
+        if parties < 1:
+            raise ValueError(f"tr.barrier(n) needs n >= 1, got {parties}")
+        return Barrier(parties)
+
+    def _add(self, invoke: Invoke, what: str) -> None:
+        if self._own is not None:
+            raise UsageError(
+                f"{what} inside `with model.trace(x):` - a trace given inputs is itself the "
+                "single invoke. Use `with model.trace() as tr:` without inputs and one "
+                "tr.invoke(x) per input"
+            )
+        mediator = getattr(_local, "mediator", None)
+        if mediator is not None and mediator.tracer is self:
+            raise UsageError(
+                f"{what} inside an invoke body: invokes cannot be nested. Put each invoke "
+                "directly in the `with model.trace() as tr:` block"
+            )
+        if self._state != OPEN:
+            raise UsageError(f"{what} after this trace ran: open a new model.trace()")
+        self._invokes.append(invoke)
+
+    # -- running ------------------------------------------------------------------------------
+
+    def _run(self, frame: types.FrameType) -> None:
+        self._state = RUN
+        model = self.model
+        batcher = model._batcher
+        (args, kwargs), rows, total = batcher.batch([inv.inputs for inv in self._invokes])
+        state = TorchState.capture()
+        shared: set[str] = set()
+        for invoke in self._invokes:
+            if invoke.source is not None:
+                shared |= invoke.source.assigns
+        mediators = [
+            invoke._mediator(index, rows[index], state, shared)
+            for index, invoke in enumerate(self._invokes)
+        ]
+        interleaver = Interleaver(model._paths, mediators, batcher, total)
+        failure: BaseException | None = None
+        attached = attach(model._taps, interleaver)
+        try:
+            try:
+                interleaver.start()
+                self._output = model._module(*args, **kwargs)
+                interleaver.finish()
+            except _Abort:
+                pass
+            except BaseException as error:  # the model failed, or Ctrl-C
+                interleaver.failure = interleaver.failure or error
+            failure = interleaver.failure
+            if failure is not None:
+                deadline = time.monotonic() + 1.0 if isinstance(failure, KeyboardInterrupt) else None
+                interleaver.cancel(deadline)
+        finally:
+            detach(attached)
+            self._state = CLOSED
+            self._finish(frame, mediators, failure)
+        if failure is not None:
+            raise failure.with_traceback(_user_traceback(failure.__traceback__))
+
+    def _finish(
+        self, frame: types.FrameType, mediators: list[Mediator], failure: BaseException | None
+    ) -> None:
+        names: dict[str, Any] = {}
+        for invoke, mediator in zip(self._invokes, mediators):
+            if invoke.source is not None and mediator.final_locals is not None:
+                bound = mediator.final_locals
+                names.update((n, bound[n]) for n in invoke.source.assigns if n in bound)
+            if invoke.future is not None:
+                if mediator.done and mediator.error is None and not mediator.cancelled:
+                    invoke.future.set_result(mediator.result)
+                else:
+                    invoke.future.set_exception(
+                        mediator.error or failure or MediatorError("the trace was cancelled")
+                    )
+            mediator.final_locals = mediator.result = mediator.error = None
+        self._invokes = []
+        write_names(frame, names)
+
+
+class _InvokeFuture(concurrent.futures.Future):  # type: ignore[type-arg]
+    """A Future that explains itself when waited on before its trace ran."""
+
+    def __init__(self, tracer: Tracer) -> None:
+        super().__init__()
+        self._tracer = tracer
+
+    def result(self, timeout: float | None = None) -> Any:
+        if not self.done() and self._tracer._state == OPEN:
+            raise UsageError(
+                "this invoke's result is not there yet: the trace runs when its "
+                "`with model.trace()` block ends. Call .result() after the block"
+            )
+        return super().result(timeout)

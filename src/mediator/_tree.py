@@ -1,0 +1,80 @@
+"""Flattening and rebuilding the nested values modules take and return.
+
+Module inputs and outputs are tensors, or tuples, lists, dicts, dataclasses and
+`ModelOutput`-style objects (dicts that are also dataclasses) holding tensors. The Batcher narrows
+and merges them leaf by leaf; this file turns such a value into a flat list of leaves and back.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from typing import Any, Callable
+
+import torch
+
+Rebuild = Callable[[list[Any]], Any]
+
+
+def _leaf(leaves: list[Any]) -> Any:
+    return leaves.pop()
+
+
+def flatten(value: Any) -> tuple[list[Any], Rebuild]:
+    """Return the leaves of `value` (depth first) and a function that rebuilds it from new leaves."""
+    leaves: list[Any] = []
+    spec = _flatten_into(value, leaves)
+
+    def rebuild(new_leaves: list[Any]) -> Any:
+        stack = list(reversed(new_leaves))
+        return spec(stack)
+
+    return leaves, rebuild
+
+
+def _flatten_into(value: Any, leaves: list[Any]) -> Callable[[list[Any]], Any]:
+    if isinstance(value, torch.Tensor):
+        leaves.append(value)
+        return _leaf
+    if isinstance(value, (tuple, list)):
+        parts = [_flatten_into(item, leaves) for item in value]
+        kind = type(value)
+        if kind is tuple or kind is list:
+            return lambda stack: kind(part(stack) for part in parts)
+        if hasattr(value, "_fields"):  # namedtuple
+            return lambda stack: kind(*(part(stack) for part in parts))
+        return lambda stack: kind(part(stack) for part in parts)
+    if isinstance(value, dict):
+        keys = list(value.keys())
+        parts = [_flatten_into(value[key], leaves) for key in keys]
+
+        def rebuild_dict(stack: list[Any]) -> Any:
+            new = copy.copy(value)
+            for key, part in zip(keys, parts):
+                new[key] = part(stack)
+            return new
+
+        return rebuild_dict
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        names = [field.name for field in dataclasses.fields(value)]
+        parts = [_flatten_into(getattr(value, name), leaves) for name in names]
+
+        def rebuild_dataclass(stack: list[Any]) -> Any:
+            new = copy.copy(value)
+            for name, part in zip(names, parts):
+                object.__setattr__(new, name, part(stack))
+            return new
+
+        return rebuild_dataclass
+    leaves.append(value)
+    return _leaf
+
+
+def describe(value: Any) -> str:
+    """A short human description of a value: `tensor[2, 5] float32` or `tuple of 3`."""
+    if isinstance(value, torch.Tensor):
+        dtype = str(value.dtype).removeprefix("torch.")
+        return f"tensor{list(value.shape)} {dtype} on {value.device}"
+    if isinstance(value, (tuple, list, dict)):
+        return f"{type(value).__name__} of {len(value)}"
+    return type(value).__name__
