@@ -9,6 +9,7 @@ Envoy calls its module plainly, without interventions.
 from __future__ import annotations
 
 import difflib
+import os
 import sys
 from typing import Any, Iterator
 
@@ -24,9 +25,15 @@ from ._tracer import Tracer
 _API = ("output", "input", "inputs", "path")
 
 
-def _where(depth: int = 2) -> str:
-    frame = sys._getframe(depth)
-    return f"{frame.f_code.co_filename}:{frame.f_lineno}"
+_HERE = os.path.dirname(__file__)
+
+
+def _where() -> str:
+    """The user's file and line that made the current request (for errors raised later)."""
+    frame: Any = sys._getframe(1)
+    while frame is not None and frame.f_code.co_filename.startswith(_HERE):
+        frame = frame.f_back
+    return f"{frame.f_code.co_filename}:{frame.f_lineno}" if frame is not None else "?"
 
 
 class Envoy:
@@ -195,7 +202,9 @@ class Envoy:
 class Model(Envoy):
     """Wraps any `torch.nn.Module` for tracing. The module is not copied and not changed."""
 
-    def __init__(self, module: nn.Module, *, batcher: Batcher | None = None) -> None:
+    def __init__(
+        self, module: nn.Module, *, batcher: Batcher | None = None, pin_threads: bool = True
+    ) -> None:
         if not isinstance(module, nn.Module):
             raise TypeError(f"mediator.Model wraps a torch.nn.Module, got {type(module).__name__}")
         paths: list[str] = []
@@ -211,6 +220,7 @@ class Model(Envoy):
         object.__setattr__(self, "_paths", paths)
         object.__setattr__(self, "_taps", taps)
         object.__setattr__(self, "_batcher", batcher or Batcher())
+        object.__setattr__(self, "_pin_threads", pin_threads)
         super().__init__(module, "", self)
 
     def trace(self, *args: Any, **kwargs: Any) -> Tracer:

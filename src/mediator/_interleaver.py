@@ -212,6 +212,7 @@ class Interleaver:
         self.running: Mediator | None = None
         self.failure: BaseException | None = None
         self.barriers: list[Barrier] = []
+        self.cpu: int | None = None  # the CPU the trace's threads are pinned to
 
     # -- the model thread's side -------------------------------------------------------------
 

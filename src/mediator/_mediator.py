@@ -17,6 +17,7 @@ import threading
 import types
 from typing import Any, Callable
 
+from ._affinity import pin_current_thread
 from ._errors import MissedProviderError, OutOfOrderError, UsageError, _Cancelled
 from ._interleaver import (
     BARRIER,
@@ -110,6 +111,10 @@ class Mediator:
     def _run(self, done: Callable[[], None]) -> None:
         self.thread = threading.current_thread()
         _local.mediator = self
+        interleaver = self.interleaver
+        assert interleaver is not None
+        if interleaver.cpu is not None:
+            pin_current_thread(interleaver.cpu)
         try:
             with contextlib.ExitStack() as stack:
                 self.state.enter(stack)
@@ -138,8 +143,6 @@ class Mediator:
         _local.mediator = None
         self.body = self.args = None
         self.thread = None
-        interleaver = self.interleaver
-        assert interleaver is not None
         self.done = True
         done()
         interleaver.inbox.put(self)

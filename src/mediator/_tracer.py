@@ -18,6 +18,7 @@ import time
 import types
 from typing import TYPE_CHECKING, Any, Callable
 
+from ._affinity import restore_current_thread, trace_cpu
 from ._errors import MediatorError, UsageError, _SkipBody
 from ._frames import BodySkipper, read_names, write_names
 from ._interleaver import Barrier, Interleaver, _Abort
@@ -48,6 +49,7 @@ class Invoke:
         self.tracer._add(self, "with tr.invoke(...)")
         frame = sys._getframe(1)
         self._capture(frame, self, "tr.invoke(...)")
+        self._skip(frame)
         return self
 
     def __exit__(self, kind: Any, error: Any, tb: Any) -> bool:
@@ -75,7 +77,11 @@ class Invoke:
         self.scope = read_names(frame, source.loads | source.assigns)
         if source.as_name is not None:
             self.scope[source.as_name] = entered
-        if not source.trivial:
+
+    def _skip(self, frame: types.FrameType) -> None:
+        """Make the caller jump over the body (the mediator runs it)."""
+        source = self.source
+        if source is not None and not source.trivial:
             self._skipper = BodySkipper(frame, source.first_line, source.last_line)
 
     def _mediator(self, index: int, rows: slice | None, state: TorchState, shared: set[str]):
@@ -122,12 +128,8 @@ class Tracer:
         if own is not None:
             self._invokes.append(own)
             own._capture(frame, self, "model.trace(...)")
-            try:
-                self._run(frame)
-            except BaseException:
-                if own._skipper is not None:
-                    own._skipper.restore()
-                raise
+            self._run(frame)
+            own._skip(frame)
         return self
 
     def __exit__(self, kind: Any, error: Any, tb: Any) -> bool:
@@ -185,6 +187,8 @@ class Tracer:
         ]
         interleaver = Interleaver(model._paths, mediators, batcher, total)
         failure: BaseException | None = None
+        pinned = trace_cpu() if model._pin_threads else None
+        interleaver.cpu = pinned[0] if pinned else None
         attached = attach(model._taps, interleaver)
         try:
             try:
@@ -201,6 +205,8 @@ class Tracer:
                 interleaver.cancel(deadline)
         finally:
             detach(attached)
+            if pinned is not None:
+                restore_current_thread(pinned[1])
             self._state = CLOSED
             self._finish(frame, mediators, failure)
         if failure is not None:

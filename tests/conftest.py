@@ -1,0 +1,86 @@
+"""Shared fixtures: small models built in code, and checks that a trace left nothing behind."""
+
+from __future__ import annotations
+
+import gc
+import threading
+
+import pytest
+import torch
+from torch import nn
+
+import mediator
+from mediator import _workers
+
+
+class MLP(nn.Module):
+    """`depth` Linear blocks with ReLU, used by most tests."""
+
+    def __init__(self, depth: int = 4, width: int = 8) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(width, width) for _ in range(depth))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = torch.relu(layer(x))
+        return x
+
+
+def hook_count(module: nn.Module) -> int:
+    """Every hook registered on `module` and its submodules, of every kind."""
+    total = 0
+    for sub in module.modules():
+        for name in (
+            "_forward_hooks",
+            "_forward_pre_hooks",
+            "_backward_hooks",
+            "_backward_pre_hooks",
+            "_state_dict_hooks",
+            "_load_state_dict_pre_hooks",
+        ):
+            total += len(getattr(sub, name, {}))
+    return total
+
+
+def patched_forwards(module: nn.Module) -> list[str]:
+    """Paths of submodules that carry an instance attribute `forward` (a leftover tap)."""
+    return [path for path, sub in module.named_modules() if "forward" in sub.__dict__]
+
+
+def busy_workers() -> list[threading.Thread]:
+    """Mediator worker threads that are not idle in the pool."""
+    idle = set(_workers.POOL.idle_threads())
+    return [
+        t
+        for t in threading.enumerate()
+        if t.name.startswith("mediator-worker-") and t not in idle
+    ]
+
+
+@pytest.fixture
+def net() -> MLP:
+    torch.manual_seed(0)
+    return MLP()
+
+
+@pytest.fixture
+def model(net: MLP) -> mediator.Model:
+    return mediator.Model(net)
+
+
+@pytest.fixture
+def x() -> torch.Tensor:
+    torch.manual_seed(1)
+    return torch.randn(3, 8)
+
+
+@pytest.fixture(autouse=True)
+def nothing_left_behind(request: pytest.FixtureRequest):
+    """After every test: no worker busy, no tap left on any model the test built."""
+    yield
+    gc.collect()
+    assert busy_workers() == [], "a mediator thread is still running after the test"
+    for name in ("net",):
+        if name in request.fixturenames:
+            module = request.getfixturevalue(name)
+            assert patched_forwards(module) == [], "a tap was left on the model"
