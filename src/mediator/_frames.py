@@ -20,7 +20,7 @@ import sys
 import types
 from typing import Any, Callable, Iterable
 
-from ._errors import _SkipBody
+from ._errors import UsageError, _SkipBody
 
 _PEP_667 = sys.version_info >= (3, 13)
 
@@ -55,19 +55,41 @@ def write_names(frame: types.FrameType, values: dict[str, Any]) -> None:
 
 
 class BodySkipper:
-    """Makes `frame` raise `_SkipBody` on its first line in `first..last`; `restore()` puts
-    the thread's and the frame's tracing back as they were."""
+    """Makes `frame` raise `_SkipBody` when it reaches the body (its first line in
+    `first..last`, or, for a body on the header's own line, its first instruction from column
+    `column` on); `restore()` puts the thread's and the frame's tracing back as they were."""
 
-    def __init__(self, frame: types.FrameType, first: int, last: int) -> None:
+    def __init__(
+        self, frame: types.FrameType, first: int, last: int, column: int, inline: bool
+    ) -> None:
         self.frame = frame
         self.previous_global = sys.gettrace()
         self.previous_local = frame.f_trace
+        self.previous_opcodes = frame.f_trace_opcodes
         self.active = True
 
-        def local(traced: types.FrameType, event: str, arg: Any) -> Callable[..., Any] | None:
-            if event == "line" and first <= traced.f_lineno <= last:
-                raise _SkipBody
-            return local
+        if not inline:
+
+            def local(traced: types.FrameType, event: str, arg: Any) -> Callable[..., Any] | None:
+                if event == "line" and first <= traced.f_lineno <= last:
+                    raise _SkipBody
+                return local
+
+        else:
+            if not hasattr(frame.f_code, "co_positions"):
+                raise UsageError(
+                    "on Python 3.10, put the body of a traced `with` block on its own line"
+                )
+            positions = list(frame.f_code.co_positions())
+
+            def local(traced: types.FrameType, event: str, arg: Any) -> Callable[..., Any] | None:
+                if event == "opcode":
+                    line, _, start, _ = positions[traced.f_lasti // 2]
+                    if line == first and start is not None and start >= column:
+                        raise _SkipBody
+                return local
+
+            frame.f_trace_opcodes = True
 
         previous_global = self.previous_global
 
@@ -83,4 +105,5 @@ class BodySkipper:
         self.active = False
         sys.settrace(self.previous_global)
         self.frame.f_trace = self.previous_local
+        self.frame.f_trace_opcodes = self.previous_opcodes
         self.frame = None  # type: ignore[assignment]

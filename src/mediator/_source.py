@@ -44,6 +44,8 @@ class BodySource:
     filename: str
     statements: list[ast.stmt]
     first_line: int
+    first_column: int
+    inline: bool  # the body starts on the line of the `with` header (`with ...: x = 1`)
     last_line: int
     as_name: str | None  # the name bound by `as` for this with item, if any
     loads: frozenset[str]  # names read anywhere in the body
@@ -84,7 +86,7 @@ def _find(frame: types.FrameType, what: str) -> BodySource:
     candidates = [
         node
         for node in ast.walk(tree)
-        if isinstance(node, ast.With) and node.lineno <= line < node.body[0].lineno
+        if isinstance(node, ast.With) and node.lineno <= line <= _header_end(node)
     ]
     if not candidates:
         raise SourceUnavailableError(
@@ -99,6 +101,8 @@ def _find(frame: types.FrameType, what: str) -> BodySource:
         filename=filename,
         statements=node.body,
         first_line=node.body[0].lineno,
+        first_column=node.body[0].col_offset,
+        inline=node.body[0].lineno == _header_end(node),
         last_line=max(getattr(s, "end_lineno", s.lineno) or s.lineno for s in node.body),
         as_name=_as_name(node),
         loads=frozenset(_loaded_names(node.body)),
@@ -107,6 +111,12 @@ def _find(frame: types.FrameType, what: str) -> BodySource:
         trivial=all(_is_trivial(s) for s in node.body),
         flags=frame.f_code.co_flags & _FUTURE_FLAGS,
     )
+
+
+def _header_end(node: ast.With) -> int:
+    last = node.items[-1]
+    end = last.optional_vars if last.optional_vars is not None else last.context_expr
+    return end.end_lineno or end.lineno
 
 
 def _as_name(node: ast.With) -> str | None:

@@ -82,7 +82,9 @@ class Invoke:
         """Make the caller jump over the body (the mediator runs it)."""
         source = self.source
         if source is not None and not source.trivial:
-            self._skipper = BodySkipper(frame, source.first_line, source.last_line)
+            self._skipper = BodySkipper(
+                frame, source.first_line, source.last_line, source.first_column, source.inline
+            )
 
     def _mediator(self, index: int, rows: slice | None, state: TorchState, shared: set[str]):
         tracer = self.tracer
@@ -175,7 +177,12 @@ class Tracer:
         self._state = RUN
         model = self.model
         batcher = model._batcher
-        (args, kwargs), rows, total = batcher.batch([inv.inputs for inv in self._invokes])
+        try:
+            (args, kwargs), rows, total = batcher.batch([inv.inputs for inv in self._invokes])
+        except BaseException:
+            self._state = CLOSED
+            self._invokes = []
+            raise
         state = TorchState.capture()
         shared: set[str] = set()
         for invoke in self._invokes:
