@@ -49,6 +49,7 @@ class Envoy:
             for name, child in module.named_children()
         }
         object.__setattr__(self, "_children", children)
+        object.__setattr__(self, "_items", tuple(children.values()))
 
     # -- the module tree ------------------------------------------------------------------
 
@@ -82,7 +83,7 @@ class Envoy:
             if key not in children:
                 raise KeyError(self._unknown(key))
             return children[key]
-        items = list(children.values())
+        items = self._items
         try:
             return items[key]
         except IndexError:
@@ -94,7 +95,7 @@ class Envoy:
         return len(self._children)
 
     def __iter__(self) -> Iterator[Envoy]:
-        return iter(list(self._children.values()))
+        return iter(self._items)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         """Call the module plainly: no interventions, not counted as one of the model's calls."""
@@ -122,7 +123,7 @@ class Envoy:
     # -- interventions ------------------------------------------------------------------------
 
     def _request(self, what: str, kind: int) -> tuple[Mediator, Key]:
-        mediator = current_mediator(f"{self._label()}.{what}")
+        mediator = current_mediator(lambda: f"{self._label()}.{what}")
         if mediator.tracer.model is not self._model:
             raise UsageError(
                 f"{self._label()}.{what} belongs to another Model than the one this invoke "

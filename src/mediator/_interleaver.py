@@ -213,6 +213,7 @@ class Interleaver:
         self.failure: BaseException | None = None
         self.barriers: list[Barrier] = []
         self.cpu: int | None = None  # the CPU the trace's threads are pinned to
+        self.name_waits = 0  # mediators blocked on a NAME request
 
     # -- the model thread's side -------------------------------------------------------------
 
@@ -352,10 +353,14 @@ class Interleaver:
             self.watch[waiting.target[0]] -= 1
         elif waiting is not None and waiting.kind == BARRIER:
             waiting.target.arrived.remove(mediator)
+        elif waiting is not None and waiting.kind == NAME:
+            self.name_waits -= 1
         mediator.waiting = None
 
     def _settle(self) -> bool:
         """Release complete barriers and name waits that can be answered; True if any was."""
+        if not self.barriers and not self.name_waits:
+            return False
         progressed = False
         again = True
         while again:
@@ -374,7 +379,7 @@ class Interleaver:
                 found, value = self._lookup(mediator, waiting.target)
                 if not found and self._may_bind(mediator, waiting.target):
                     continue
-                mediator.waiting = None
+                self._withdraw(mediator)
                 self._resume(mediator, value if found else _Signal(self._unbound(waiting.target)))
                 again = progressed = True
         return progressed

@@ -38,10 +38,13 @@ _local = threading.local()
 _HERE = os.path.dirname(__file__)
 
 
-def current_mediator(what: str) -> Mediator:
-    """The mediator whose body runs on this thread; UsageError outside any invoke body."""
+def current_mediator(what: str | Callable[[], str]) -> Mediator:
+    """The mediator whose body runs on this thread; UsageError outside any invoke body.
+    `what` (or what it returns) names the thing used, for the error message."""
     mediator: Mediator | None = getattr(_local, "mediator", None)
     if mediator is None:
+        if callable(what):
+            what = what()
         raise UsageError(
             f"{what} can only be used inside an invoke body (the code under "
             "`with model.trace(x):` or `with tr.invoke(x):`, or a function passed to "
@@ -196,6 +199,7 @@ class Mediator:
         if found:
             return value
         try:
+            interleaver.name_waits += 1
             return self._block(Request(NAME, name))
         except NameError:
             if name in self.fallbacks:
