@@ -14,7 +14,7 @@ import statistics
 import sys
 import threading
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -44,7 +44,9 @@ def per_call(fn: Callable[[], object], calls: int) -> float:
     return (time.perf_counter() - start) / calls
 
 
-def compare(a: Callable[[], object], b: Callable[[], object], calls: int, rounds: int) -> tuple[float, float]:
+def compare(
+    a: Callable[[], object], b: Callable[[], object], calls: int, rounds: int
+) -> tuple[float, float]:
     """Median seconds per call of `a` and of `b`, alternating rounds so both see the same noise."""
     for _ in range(max(10, calls // 10)):
         a(), b()
@@ -73,6 +75,7 @@ def round_trip(calls: int, same_core: bool) -> float:
     if same_core:
         os.sched_setaffinity(0, {cpu})
     try:
+
         def once() -> None:
             ping.put(1)
             pong.get()
@@ -112,7 +115,9 @@ class Report:
     def add(self, name: str, measured: float, target: float | None, detail: str) -> None:
         verdict = "" if target is None else ("PASS" if measured <= target else "MISS")
         limit = "" if target is None else f"<= {target:.2f}x"
-        self.rows.append((name, f"{measured:.2f}x", limit + (f" {verdict}" if verdict else ""), detail))
+        self.rows.append(
+            (name, f"{measured:.2f}x", limit + (f" {verdict}" if verdict else ""), detail)
+        )
 
     def print(self) -> None:
         width = max(len(r[0]) for r in self.rows)
@@ -135,27 +140,35 @@ def main() -> None:
     net96 = MLP(96)
     model96 = mediator.Model(net96)
     wrapped, plain = compare(lambda: model96(x), lambda: net96(x), calls, rounds)
-    report.add("idle: wrapped model outside a trace (96 layers)", wrapped / plain, 1.05,
-               f"{wrapped * 1e6:.0f} us vs {plain * 1e6:.0f} us unwrapped")
+    report.add(
+        "idle: wrapped model outside a trace (96 layers)",
+        wrapped / plain,
+        1.05,
+        f"{wrapped * 1e6:.0f} us vs {plain * 1e6:.0f} us unwrapped",
+    )
 
     for depth, target in ((12, 2.0), (96, None)):
         net = MLP(depth)
         model = mediator.Model(net)
 
-        def empty() -> None:
+        def empty(model: mediator.Model = model) -> None:
             with model.trace(x):
                 pass
 
-        traced, plain = compare(empty, lambda: net(x), calls, rounds)
-        report.add(f"empty trace ({depth} layers)", traced / plain, target,
-                   f"{traced * 1e6:.0f} us vs {plain * 1e6:.0f} us plain forward")
+        traced, plain = compare(empty, lambda net=net: net(x), calls, rounds)
+        report.add(
+            f"empty trace ({depth} layers)",
+            traced / plain,
+            target,
+            f"{traced * 1e6:.0f} us vs {plain * 1e6:.0f} us plain forward",
+        )
 
     net = MLP(12)
     model = mediator.Model(net)
 
     def one_read() -> None:
         with model.trace(x):
-            model.layers[5].output
+            _ = model.layers[5].output
 
     def one_write() -> None:
         with model.trace(x):
@@ -164,18 +177,30 @@ def main() -> None:
     def six_reads() -> None:
         with model.trace(x):
             for i in range(0, 12, 2):
-                model.layers[i].output
+                _ = model.layers[i].output
 
     traced, hooked = compare(one_read, lambda: hook_reading(net, [5])(x), calls, rounds)
-    report.add("one read (12 layers)", traced / hooked, None,
-               f"{traced * 1e6:.0f} us vs {hooked * 1e6:.0f} us with one hook")
+    report.add(
+        "one read (12 layers)",
+        traced / hooked,
+        None,
+        f"{traced * 1e6:.0f} us vs {hooked * 1e6:.0f} us with one hook",
+    )
     written, _ = compare(one_write, lambda: hook_reading(net, [5])(x), calls, rounds)
-    report.add("one write (12 layers)", written / hooked, None,
-               f"{written * 1e6:.0f} us vs {hooked * 1e6:.0f} us with one hook")
+    report.add(
+        "one write (12 layers)",
+        written / hooked,
+        None,
+        f"{written * 1e6:.0f} us vs {hooked * 1e6:.0f} us with one hook",
+    )
     many, one = compare(six_reads, one_read, calls, rounds)
     extra = (many - one) / 5
-    report.add("each additional read / same-core round trip", extra / same, 1.5,
-               f"{extra * 1e6:.1f} us per read vs {same * 1e6:.1f} us round trip")
+    report.add(
+        "each additional read / same-core round trip",
+        extra / same,
+        1.5,
+        f"{extra * 1e6:.1f} us per read vs {same * 1e6:.1f} us round trip",
+    )
     report.print()
 
 

@@ -18,7 +18,9 @@ class Block(nn.Module):
 
     def __init__(self, width: int) -> None:
         super().__init__()
-        self.mlp = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width))
+        self.mlp = nn.Sequential(
+            nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width)
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.mlp(x)
@@ -84,6 +86,8 @@ checks = {
     "ablate": torch.allclose(ablated, expected_ablated),
     "patch": torch.allclose(patched_logits, clean_logits),
 }
-print("4. same as plain hooks:", ", ".join(f"{k} {'yes' if v else 'NO'}" for k, v in checks.items()))
+print(
+    "4. same as plain hooks:", ", ".join(f"{k} {'yes' if v else 'NO'}" for k, v in checks.items())
+)
 if not all(checks.values()):
     raise SystemExit("quickstart: a result differs from plain PyTorch hooks")

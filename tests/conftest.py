@@ -51,9 +51,7 @@ def busy_workers() -> list[threading.Thread]:
     """Mediator worker threads that are not idle in the pool."""
     idle = set(_workers.POOL.idle_threads())
     return [
-        t
-        for t in threading.enumerate()
-        if t.name.startswith("mediator-worker-") and t not in idle
+        t for t in threading.enumerate() if t.name.startswith("mediator-worker-") and t not in idle
     ]
 
 

@@ -39,7 +39,7 @@ class Batcher:
         sizes = [self._rows_of(entry, index) for index, entry in given]
         rows: list[slice | None] = [None] * len(inputs)
         start = 0
-        for (index, _), size in zip(given, sizes):
+        for (index, _), size in zip(given, sizes, strict=False):
             rows[index] = slice(start, start + size)
             start += size
         return self._concatenate([entry for _, entry in given], [i for i, _ in given]), rows, start
@@ -86,12 +86,12 @@ class Batcher:
                 f"{where}: got {describe(new)}, expected {describe(old)} with "
                 f"{len(old_leaves)} leaves; replace it with a value of the same structure"
             )
-        for old_leaf, new_leaf in zip(old_leaves, new_leaves):
+        for old_leaf, new_leaf in zip(old_leaves, new_leaves, strict=False):
             if isinstance(old_leaf, torch.Tensor):
                 self.check_replacement(old_leaf, new_leaf, where)
 
     def _rows_of(self, entry: Inputs, index: int) -> int:
-        for name, leaf in _named_leaves(entry, list(entry[1])):
+        for _name, leaf in _named_leaves(entry, list(entry[1])):
             if isinstance(leaf, torch.Tensor) and leaf.dim() > 0:
                 return int(leaf.shape[0])
         raise UsageError(
@@ -101,7 +101,7 @@ class Batcher:
 
     def _concatenate(self, entries: list[Inputs], indices: list[int]) -> Inputs:
         first_args, first_kwargs = entries[0]
-        for entry, index in zip(entries[1:], indices[1:]):
+        for entry, index in zip(entries[1:], indices[1:], strict=False):
             args, kwargs = entry
             if len(args) != len(first_args) or set(kwargs) != set(first_kwargs):
                 raise ShapeError(
@@ -110,7 +110,7 @@ class Batcher:
                     "must pass the same positional and keyword inputs"
                 )
         keys = list(first_kwargs)
-        columns = list(zip(*(_named_leaves(entry, keys) for entry in entries)))
+        columns = list(zip(*(_named_leaves(entry, keys) for entry in entries), strict=False))
         batched = [self._concatenate_column(column, indices) for column in columns]
         _, rebuild = flatten((first_args, first_kwargs))
         args, kwargs = rebuild(batched)
@@ -120,14 +120,14 @@ class Batcher:
         name, first = column[0]
         values = [leaf for _, leaf in column]
         if not isinstance(first, torch.Tensor):
-            for value, index in zip(values[1:], indices[1:]):
+            for value, index in zip(values[1:], indices[1:], strict=False):
                 if isinstance(value, torch.Tensor) or value != first:
                     raise ShapeError(
                         f"cannot batch {name}: invoke {indices[0]} passes {first!r} and invoke "
                         f"{index} passes {value!r}; inputs that are not tensors must be equal"
                     )
             return first
-        for value, index in zip(values, indices):
+        for value, index in zip(values, indices, strict=False):
             if not isinstance(value, torch.Tensor) or value.dim() == 0:
                 raise ShapeError(
                     f"cannot batch {name}: invoke {index} passes {describe(value)}; batched "

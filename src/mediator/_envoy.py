@@ -11,7 +11,8 @@ from __future__ import annotations
 import difflib
 import os
 import sys
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 from torch import nn
 

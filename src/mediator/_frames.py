@@ -18,7 +18,8 @@ import ctypes
 import inspect
 import sys
 import types
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 from ._errors import UsageError, _SkipBody
 

@@ -60,13 +60,14 @@ import ctypes
 import queue
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from ._batcher import Batcher
-from ._errors import MediatorError, MissedProviderError, OutOfOrderError, _Cancelled
+from ._errors import MediatorError, MissedProviderError, _Cancelled
 
 if TYPE_CHECKING:
     from ._mediator import Mediator
@@ -321,7 +322,9 @@ class Interleaver:
                 return
         mediator.ops = remaining
 
-    def _skip(self, boundary: Boundary, original: Callable[..., Any], args: Any, kwargs: Any) -> Any:
+    def _skip(
+        self, boundary: Boundary, original: Callable[..., Any], args: Any, kwargs: Any
+    ) -> Any:
         """Run a call that some invokes skip: skipped rows get the invokes' own values."""
         skips = boundary.skips
         whole = next((v for m, v in skips.items() if m.rows is None), _MISSING)
@@ -393,9 +396,7 @@ class Interleaver:
         return False, None
 
     def _may_bind(self, asker: Mediator, name: str) -> bool:
-        return any(
-            m is not asker and not m.done and name in m.assigns for m in self.mediators
-        )
+        return any(m is not asker and not m.done and name in m.assigns for m in self.mediators)
 
     @staticmethod
     def _unbound(name: str) -> NameError:
@@ -485,7 +486,7 @@ def _concat_views(views: list[tuple[slice, Any]]) -> Any:
     flat = [flatten(value) for _, value in views]
     leaves = [
         torch.cat(column, dim=0) if isinstance(column[0], torch.Tensor) else column[0]
-        for column in zip(*(leaves for leaves, _ in flat))
+        for column in zip(*(leaves for leaves, _ in flat), strict=False)
     ]
     return flat[0][1](leaves)
 
@@ -495,4 +496,3 @@ def async_raise(thread: threading.Thread, error: type[BaseException]) -> None:
     ident = thread.ident
     if ident is not None:
         ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(ident), ctypes.py_object(error))
-

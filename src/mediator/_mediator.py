@@ -15,7 +15,8 @@ import queue
 import sys
 import threading
 import types
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from ._affinity import pin_current_thread
 from ._errors import MissedProviderError, OutOfOrderError, UsageError, _Cancelled
@@ -287,4 +288,3 @@ def _user_traceback(tb: Any) -> Any:
     for entry in reversed(kept):
         rebuilt = types.TracebackType(rebuilt, entry.tb_frame, entry.tb_lasti, entry.tb_lineno)
     return rebuilt
-

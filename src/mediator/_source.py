@@ -9,13 +9,14 @@ numbers, so tracebacks point at the user's own lines. Both steps are cached per 
 """
 
 from __future__ import annotations
-
 import __future__
+
 import ast
 import copy
 import linecache
 import types
 from dataclasses import dataclass
+
 from ._errors import SourceUnavailableError, UsageError
 
 _FUTURE_FLAGS = 0
@@ -305,4 +306,3 @@ def compile_body(
 
 
 _HAS_QUALNAME = hasattr(types.CodeType, "co_qualname")
-

@@ -11,7 +11,8 @@ it) route by thread, and the last one to leave restores the module's own `forwar
 from __future__ import annotations
 
 import threading
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from torch import nn
 

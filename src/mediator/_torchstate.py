@@ -37,9 +37,7 @@ class TorchState:
         stream = None
         if torch.cuda.is_initialized():
             stream = torch.cuda.current_stream()
-        return cls(
-            torch.is_grad_enabled(), torch.is_inference_mode_enabled(), autocast, stream
-        )
+        return cls(torch.is_grad_enabled(), torch.is_inference_mode_enabled(), autocast, stream)
 
     def enter(self, stack: contextlib.ExitStack) -> None:
         """Make the calling thread match this state until `stack` closes."""

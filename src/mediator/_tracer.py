@@ -16,7 +16,8 @@ import concurrent.futures
 import sys
 import time
 import types
-from typing import TYPE_CHECKING, Any, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from ._affinity import restore_current_thread, trace_cpu
 from ._errors import MediatorError, UsageError, _SkipBody
@@ -98,7 +99,14 @@ class Invoke:
         code = compile_body(source, params, cross)
         fallbacks = {name: self.scope[name] for name in cross if name in self.scope}
         mediator = Mediator(
-            tracer, index, None, (), rows, state, source.assigns, fallbacks  # type: ignore[arg-type]
+            tracer,
+            index,
+            None,
+            (),
+            rows,
+            state,
+            source.assigns,
+            fallbacks,  # type: ignore[arg-type]
         )
         globals_ = tracer._globals
         mediator.body = types.FunctionType(code, globals_)
@@ -208,7 +216,9 @@ class Tracer:
                 interleaver.failure = interleaver.failure or error
             failure = interleaver.failure
             if failure is not None:
-                deadline = time.monotonic() + 1.0 if isinstance(failure, KeyboardInterrupt) else None
+                deadline = (
+                    time.monotonic() + 1.0 if isinstance(failure, KeyboardInterrupt) else None
+                )
                 interleaver.cancel(deadline)
         finally:
             detach(attached)
@@ -223,7 +233,7 @@ class Tracer:
         self, frame: types.FrameType, mediators: list[Mediator], failure: BaseException | None
     ) -> None:
         names: dict[str, Any] = {}
-        for invoke, mediator in zip(self._invokes, mediators):
+        for invoke, mediator in zip(self._invokes, mediators, strict=False):
             if invoke.source is not None and mediator.final_locals is not None:
                 bound = mediator.final_locals
                 names.update((n, bound[n]) for n in invoke.source.assigns if n in bound)

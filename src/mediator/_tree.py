@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -21,7 +22,7 @@ def _leaf(leaves: list[Any]) -> Any:
 
 
 def flatten(value: Any) -> tuple[list[Any], Rebuild]:
-    """Return the leaves of `value` (depth first) and a function that rebuilds it from new leaves."""
+    """The leaves of `value` (depth first) and a function that rebuilds it from new leaves."""
     leaves: list[Any] = []
     spec = _flatten_into(value, leaves)
 
@@ -50,7 +51,7 @@ def _flatten_into(value: Any, leaves: list[Any]) -> Callable[[list[Any]], Any]:
 
         def rebuild_dict(stack: list[Any]) -> Any:
             new = copy.copy(value)
-            for key, part in zip(keys, parts):
+            for key, part in zip(keys, parts, strict=False):
                 new[key] = part(stack)
             return new
 
@@ -61,7 +62,7 @@ def _flatten_into(value: Any, leaves: list[Any]) -> Callable[[list[Any]], Any]:
 
         def rebuild_dataclass(stack: list[Any]) -> Any:
             new = copy.copy(value)
-            for name, part in zip(names, parts):
+            for name, part in zip(names, parts, strict=False):
                 object.__setattr__(new, name, part(stack))
             return new
 

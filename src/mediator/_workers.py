@@ -13,7 +13,7 @@ import itertools
 import os
 import queue
 import threading
-from typing import Callable
+from collections.abc import Callable
 
 Job = Callable[[], None]
 
