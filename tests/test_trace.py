@@ -49,12 +49,17 @@ def hooked(
 
 def seen(net: nn.Module, module: nn.Module, *args: Any, inputs: bool = False) -> Any:
     """What a hook on `module` sees in a plain run: its output, or `(args, kwargs)`."""
-    record: dict[str, Any] = {}
+    record: list[Any] = []
+
+    def keep(*value: Any) -> None:
+        record.append(value if inputs else value[0])
+
     if inputs:
-        hooked(net, *args, pre={module: lambda a, k: record.setdefault("v", (a, k)) and None})
+        hooked(net, *args, pre={module: keep})
     else:
-        hooked(net, *args, out={module: lambda o: record.setdefault("v", o) and None})
-    return record["v"]
+        hooked(net, *args, out={module: keep})
+    assert len(record) == 1
+    return record[0]
 
 
 def line_of(marker: str) -> int:
@@ -535,7 +540,7 @@ def test_body_lambdas_comprehensions_and_functions(model, net, x):
         scale = 0.5
         halve = lambda t: t * scale  # noqa: E731
         row_sums = [h[i].sum() * scale for i in range(h.shape[0])]
-        gen_total = sum(float(v) * offset for v in row_sums)
+        gen_total = sum(float(v.detach()) * offset for v in row_sums)
 
         def shift(t):
             return t + scale + offset

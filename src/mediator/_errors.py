@@ -37,3 +37,11 @@ class _Cancelled(BaseException):
 
 class _SkipBody(BaseException):
     """Raised on the first line of a with-block body so the caller does not run it itself."""
+
+
+class _LoopEnd(BaseException):
+    """Ends an open `tr.iter[a:]` loop: the traced call returned before the next step."""
+
+
+class _Stop(BaseException):
+    """Unwinds the forward pass after `tr.stop()`."""

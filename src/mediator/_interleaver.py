@@ -27,6 +27,13 @@ it has the baton back)
             arrived; the interleaver then resumes them in definition order.
     NAME    `mediator.waiting = Request(NAME, name)`: a with-body reads a name another body
             binds; blocks until some body has bound it.
+    STEP    `mediator.waiting = Request(STEP, k)`: an open `tr.iter[a:]` loop asks for step k;
+            answered when any module starts a call numbered k or more (no request of step k can
+            then be late), or with `_LoopEnd` when the traced call returns first.
+    RESULT  `mediator.waiting = Request(RESULT, None)`: `tr.result` inside a body; answered once
+            the traced call has returned.
+    STOP    `interleaver.stopping = True` (`tr.stop()`): when the baton comes back, the model
+            thread raises `_Stop` to end the forward; bodies still waiting are cancelled quietly.
     END     `mediator.done = True`: the body returned (`result`) or raised (`error`).
 
 Replies, interleaver -> mediator (what `get()` returns in the mediator)
@@ -67,14 +74,14 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ._batcher import Batcher
-from ._errors import MediatorError, MissedProviderError, _Cancelled
+from ._errors import MediatorError, MissedProviderError, _Cancelled, _LoopEnd, _Stop
 
 if TYPE_CHECKING:
     from ._mediator import Mediator
 
 INPUT, OUTPUT = 0, 1
 KIND_NAMES = ("input", "output")
-VALUE, BARRIER, NAME = "VALUE", "BARRIER", "NAME"
+VALUE, BARRIER, NAME, STEP, RESULT = "VALUE", "BARRIER", "NAME", "STEP", "RESULT"
 
 Key = tuple[int, int, int]  # (site, INPUT/OUTPUT, call)
 
@@ -215,6 +222,10 @@ class Interleaver:
         self.barriers: list[Barrier] = []
         self.cpu: int | None = None  # the CPU the trace's threads are pinned to
         self.name_waits = 0  # mediators blocked on a NAME request
+        self.step_waits = 0  # mediators blocked on a STEP request
+        self.step_floor = 0  # the lowest step they wait for
+        self.stopping = False
+        self.result: Any = _MISSING
 
     # -- the model thread's side -------------------------------------------------------------
 
@@ -231,6 +242,8 @@ class Interleaver:
         """One call of a tapped module by the model thread (see `_tap.Tap`)."""
         call = self.started[site]
         self.started[site] = call + 1
+        if self.step_waits and call >= self.step_floor:
+            self._wake_steps(call)
         skip = None
         if self.watch[site]:
             boundary = self._serve((site, INPUT, call), (args, kwargs))
@@ -246,15 +259,27 @@ class Interleaver:
         self.finished[site] += 1
         return output
 
-    def finish(self) -> None:
-        """The forward returned: fail every request that is still open, until all bodies end."""
+    def finish(self, result: Any) -> None:
+        """The traced call returned `result`: answer RESULT and STEP requests, then fail every
+        request that is still open, until all bodies end."""
         self.forward_done = True
         self.current = None
+        self.result = result
         while True:
             blocked = [m for m in self.mediators if not m.done]
             if not blocked:
                 self._check_unused_ops()
                 return
+            mediator = next((m for m in blocked if m.waiting.kind in (RESULT, STEP)), None)
+            if mediator is not None:
+                waiting = mediator.waiting
+                self._withdraw(mediator)
+                if waiting.kind == RESULT:
+                    self._resume(mediator, self.result_for(mediator))
+                else:
+                    self._resume(mediator, _Signal(_LoopEnd()))
+                self._settle()
+                continue
             mediator = next((m for m in blocked if m.waiting.kind == VALUE or m.ops), None)
             if mediator is None:
                 if self._settle():
@@ -262,6 +287,33 @@ class Interleaver:
                 mediator = blocked[0]  # waits on a name or barrier nobody can satisfy now
             self._resume(mediator, _Signal(self._unserved(mediator)))
             self._settle()
+
+    def result_for(self, mediator: Mediator) -> Any:
+        """The traced call's return value, narrowed to `mediator`'s rows."""
+        if self.result is _MISSING:
+            return _Signal(
+                MissedProviderError(
+                    "tr.result: the traced call did not return (tr.stop() ended it)"
+                )
+            )
+        if mediator.rows is None:
+            return self.result
+        return self.batcher.narrow(self.result, mediator.rows, self.total)
+
+    def _wake_steps(self, call: int) -> None:
+        """A module starts call `call`: resume the open loops waiting for a step up to it."""
+        ready = True
+        while ready:
+            ready = False
+            for mediator in self.mediators:
+                waiting = mediator.waiting
+                if waiting is not None and waiting.kind == STEP and waiting.target <= call:
+                    self._withdraw(mediator)
+                    self._resume(mediator, None)
+                    self._settle()
+                    ready = True
+        floors = [m.waiting.target for m in self.mediators if m.waiting and m.waiting.kind == STEP]
+        self.step_floor = min(floors, default=0)
 
     def cancel(self, deadline: float | None) -> bool:
         """Stop every mediator that has not ended, one by one; False if `deadline` (monotonic)
@@ -358,6 +410,8 @@ class Interleaver:
             waiting.target.arrived.remove(mediator)
         elif waiting is not None and waiting.kind == NAME:
             self.name_waits -= 1
+        elif waiting is not None and waiting.kind == STEP:
+            self.step_waits -= 1
         mediator.waiting = None
 
     def _settle(self) -> bool:
@@ -455,6 +509,8 @@ class Interleaver:
         if mediator.error is not None and self.failure is None:
             self.failure = mediator.error
             raise _Abort
+        if self.stopping and not self.forward_done:
+            raise _Stop
 
     def _next_message(self, deadline: float | None) -> bool:
         if deadline is None:

@@ -19,10 +19,12 @@ from collections.abc import Callable
 from typing import Any
 
 from ._affinity import pin_current_thread
-from ._errors import MissedProviderError, OutOfOrderError, UsageError, _Cancelled
+from ._errors import MissedProviderError, OutOfOrderError, UsageError, _Cancelled, _LoopEnd
 from ._interleaver import (
     BARRIER,
     NAME,
+    RESULT,
+    STEP,
     VALUE,
     Barrier,
     Interleaver,
@@ -192,6 +194,26 @@ class Mediator:
             interleaver.barriers.append(barrier)
         barrier.arrived.append(self)
         self._block(Request(BARRIER, barrier))
+
+    def wait_for_step(self, step: int) -> None:
+        """STEP: block until the model may reach step `step`; `_LoopEnd` if the call ended."""
+        interleaver = self._live()
+        if interleaver.forward_done:
+            raise _LoopEnd
+        interleaver.step_waits += 1
+        if interleaver.step_waits == 1 or step < interleaver.step_floor:
+            interleaver.step_floor = step
+        self._block(Request(STEP, step))
+
+    def traced_result(self) -> Any:
+        """RESULT: the traced call's return value for this invoke's rows, once it returned."""
+        interleaver = self._live()
+        if not interleaver.forward_done:
+            return self._block(Request(RESULT, None))
+        result = interleaver.result_for(self)
+        if type(result) is _Signal:
+            raise result.error
+        return result
 
     def lookup_name(self, name: str) -> Any:
         """A name this with-body reads and another body binds: wait until one has bound it."""

@@ -16,14 +16,14 @@ import concurrent.futures
 import sys
 import time
 import types
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from ._affinity import restore_current_thread, trace_cpu
-from ._errors import MediatorError, UsageError, _SkipBody
+from ._errors import MediatorError, UsageError, _LoopEnd, _SkipBody, _Stop
 from ._frames import BodySkipper, read_names, write_names
 from ._interleaver import Barrier, Interleaver, _Abort
-from ._mediator import Mediator, _local, _user_traceback
+from ._mediator import Mediator, _local, _user_traceback, current_mediator
 from ._source import BodySource, capture, compile_body
 from ._tap import attach, detach
 from ._torchstate import TorchState
@@ -162,6 +162,42 @@ class Tracer:
             raise ValueError(f"tr.barrier(n) needs n >= 1, got {parties}")
         return Barrier(parties)
 
+    @property
+    def iter(self) -> Steps:
+        """Steps of the trace: `for step in tr.iter[:]` (also `[i]`, `[a:b]`, `[a:]`,
+        `[[i, j]]`). Inside the loop every request targets the module's call number `step`."""
+        return Steps(self)
+
+    def all(self) -> Iterator[int]:
+        """Every step, until the traced call returns: the same as `tr.iter[:]`."""
+        return self.iter[:]
+
+    @property
+    def result(self) -> Any:
+        """The traced call's return value: after the trace, or inside a body (which then
+        waits until the call has returned, and gets its own rows)."""
+        mediator = getattr(_local, "mediator", None)
+        if mediator is not None and mediator.tracer is self:
+            return mediator.traced_result()
+        if self._state != CLOSED:
+            raise UsageError(
+                "tr.result is there once the trace has run: read it after the `with` block, "
+                "or inside an invoke body"
+            )
+        return self._output
+
+    def stop(self) -> None:
+        """End the forward pass right after the current point; the trace exits normally."""
+        interleaver = self._own_mediator("tr.stop()").interleaver
+        assert interleaver is not None
+        interleaver.stopping = True
+
+    def _own_mediator(self, what: str) -> Mediator:
+        mediator = current_mediator(what)
+        if mediator.tracer is not self:
+            raise UsageError(f"{what} belongs to another trace than the body that calls it")
+        return mediator
+
     def _add(self, invoke: Invoke, what: str) -> None:
         if self._own is not None:
             raise UsageError(
@@ -208,14 +244,17 @@ class Tracer:
         try:
             try:
                 interleaver.start()
-                self._output = model._module(*args, **kwargs)
-                interleaver.finish()
+                output = model._module(*args, **kwargs)
+                interleaver.finish(output)
+                self._output = output
             except _Abort:
                 pass
+            except _Stop:
+                interleaver.forward_done = True
             except BaseException as error:  # the model failed, or Ctrl-C
                 interleaver.failure = interleaver.failure or error
             failure = interleaver.failure
-            if failure is not None:
+            if failure is not None or interleaver.stopping:
                 deadline = (
                     time.monotonic() + 1.0 if isinstance(failure, KeyboardInterrupt) else None
                 )
@@ -263,3 +302,52 @@ class _InvokeFuture(concurrent.futures.Future):  # type: ignore[type-arg]
                 "`with model.trace()` block ends. Call .result() after the block"
             )
         return super().result(timeout)
+
+
+class Steps:
+    """`tr.iter`: index it with a step, a slice or a list of steps to loop over them."""
+
+    def __init__(self, tracer: Tracer) -> None:
+        self._tracer = tracer
+
+    def __getitem__(self, selection: int | slice | list[int] | tuple[int, ...]) -> Iterator[int]:
+        mediator = self._tracer._own_mediator("tr.iter[...]")
+        if isinstance(selection, slice):
+            start, stop, stride = selection.start or 0, selection.stop, selection.step or 1
+            if start < 0 or stride < 1 or (stop is not None and stop < 0):
+                raise ValueError(f"tr.iter[{start}:{stop}:{stride}]: steps count up from 0")
+            if stop is None:
+                return _open_loop(mediator, start, stride)
+            steps: list[int] = list(range(start, stop, stride))
+        elif isinstance(selection, int):
+            steps = [selection]
+        else:
+            steps = [int(step) for step in selection]
+        if any(step < 0 for step in steps):
+            raise ValueError(f"tr.iter[{selection!r}]: steps count up from 0")
+        return _bounded_loop(mediator, steps)
+
+
+def _bounded_loop(mediator: Mediator, steps: list[int]) -> Iterator[int]:
+    try:
+        for step in steps:
+            mediator.step = step
+            yield step
+    finally:
+        mediator.step = 0
+
+
+def _open_loop(mediator: Mediator, start: int, stride: int) -> Iterator[int]:
+    step = start
+    try:
+        while True:
+            if step > 0:
+                try:
+                    mediator.wait_for_step(step)
+                except _LoopEnd:
+                    return
+            mediator.step = step
+            yield step
+            step += stride
+    finally:
+        mediator.step = 0
