@@ -114,7 +114,7 @@ class Envoy:
     def _unknown(self, name: str) -> str:
         known = list(self._children) + [n for n in vars(self._module) if not n.startswith("_")]
         close = difflib.get_close_matches(name, known, n=3, cutoff=0.5)
-        hint = f" Did you mean: {', '.join(repr(c) for c in close)}?" if close else ""
+        hint = f" Closest names: {', '.join(repr(c) for c in close)}." if close else ""
         children = ", ".join(self._children) or "none"
         return (
             f"{self._label()} ({type(self._module).__name__}) has no child or attribute "
