@@ -493,6 +493,82 @@ def test_submodule_call_in_body_is_plain(model, net, x):
     assert len(calls) == 3  # two plain calls from the body, one by the model
 
 
+# == Python in a body ========================================================================
+
+
+def test_control_flow_loops_and_print_in_body(model, net, x, capsys):
+    hs = [seen(net, layer, x) for layer in net.layers]
+    expected = hooked(
+        net,
+        x,
+        out={layer: lambda o: o * 0.5 if o.norm() > 1 else o * 2.0 for layer in net.layers},
+    )
+    with model.trace(x):
+        norms = []
+        for layer in model.layers:
+            h = layer.output
+            norms.append(float(h.detach().norm()))
+            if h.norm() > 1:
+                layer.output = h * 0.5
+            else:
+                layer.output = h * 2.0
+        print("shape in body:", tuple(h.shape))
+        out = model.output
+    assert torch.equal(out, expected)
+    # norms of the values as the body saw them (after earlier layers' edits)
+    assert len(norms) == 4
+    assert norms[0] == pytest.approx(float(hs[0].norm()))
+    assert "shape in body: (3, 8)" in capsys.readouterr().out
+
+
+def test_requests_from_a_comprehension_in_body(model, net, x):
+    with model.trace(x):
+        outs = [model.layers[i].output for i in range(4)]
+    for layer, got in zip(net.layers, outs):
+        assert torch.equal(got, seen(net, layer, x))
+
+
+def test_one_line_trace_body(model, net, x):
+    with model.trace(x): out = model.output  # noqa: E701
+    assert torch.equal(out, net(x))
+
+
+def test_envoy_of_another_model_is_usage_error(model, x):
+    torch.manual_seed(0)
+    other = mediator.Model(nn.Sequential(nn.Linear(8, 8)))
+    with pytest.raises(mediator.UsageError):
+        with model.trace(x):
+            other[0].output
+
+
+def test_two_models_on_one_module(net, x):
+    first, second = mediator.Model(net), mediator.Model(net)
+    expected = hooked(net, x, out={net.layers[0]: lambda o: o * 0})
+    with second.trace(x):
+        second.layers[0].output = second.layers[0].output * 0
+        out2 = second.output
+    with first.trace(x):
+        out1 = first.output
+    assert torch.equal(out2, expected)
+    assert torch.equal(out1, net(x))
+
+
+def test_gradient_through_a_swapped_value(model, net, x):
+    gate = torch.full((8,), 0.5, requires_grad=True)
+    out_ref = hooked(net, x, out={net.layers[1]: lambda o: o * gate})
+    out_ref.sum().backward()
+    expected_gate = gate.grad.clone()
+    expected_w = net.layers[0].weight.grad.clone()
+    gate.grad = None
+    net.zero_grad()
+    with model.trace(x):
+        model.layers[1].output = model.layers[1].output * gate
+        loss = model.output.sum()
+    loss.backward()
+    assert torch.equal(gate.grad, expected_gate)
+    assert torch.equal(net.layers[0].weight.grad, expected_w)
+
+
 # == names bound in a body ===================================================================
 
 
@@ -549,7 +625,9 @@ def test_body_lambdas_comprehensions_and_functions(model, net, x):
         out = model.output
     h_ref = seen(net, net.layers[1], x)
     assert torch.equal(out, hooked(net, x, out={net.layers[1]: lambda o: o * 0.5 + 0.5 + 0.25}))
-    assert [float(r) for r in row_sums] == [float(h_ref[i].sum() * 0.5) for i in range(3)]
+    assert [float(r.detach()) for r in row_sums] == [
+        float(h_ref[i].sum().detach() * 0.5) for i in range(3)
+    ]
     assert gen_total == pytest.approx(sum(float(h_ref[i].sum() * 0.5) * 0.25 for i in range(3)))
     assert torch.equal(halve(torch.ones(2)), torch.full((2,), 0.5))
     assert torch.equal(shift(torch.zeros(1)), torch.full((1,), 0.75))

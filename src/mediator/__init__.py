@@ -13,6 +13,7 @@ trace as one batched forward pass. See README.md for a tour and SPEC.md for the 
 """
 
 from ._batcher import Batcher
+from ._causal_lm import CausalLMBatcher
 from ._envoy import Envoy, Model
 from ._errors import (
     MediatorError,
@@ -28,6 +29,7 @@ from ._tracer import Invoke, Tracer
 __all__ = [
     "Barrier",
     "Batcher",
+    "CausalLMBatcher",
     "Envoy",
     "Invoke",
     "MediatorError",

@@ -22,8 +22,11 @@ Inputs = tuple[tuple[Any, ...], dict[str, Any]]
 class Batcher:
     """Concatenates invokes' inputs along dim 0 and narrows values back to each invoke's rows."""
 
-    def batch(self, inputs: list[Inputs | None]) -> tuple[Inputs, list[slice | None], int]:
-        """Batch the inputs of every invoke (None for an empty invoke).
+    def batch(
+        self, inputs: list[Inputs | None], generate: bool = False
+    ) -> tuple[Inputs, list[slice | None], int]:
+        """Batch the inputs of every invoke (None for an empty invoke); `generate` says whether
+        they go to the module's `generate` rather than its forward.
 
         Returns the batched `(args, kwargs)`, each invoke's rows (`None` for "the whole batch")
         and the total batch size.

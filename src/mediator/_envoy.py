@@ -17,6 +17,7 @@ from typing import Any
 from torch import nn
 
 from ._batcher import Batcher
+from ._causal_lm import CausalLMBatcher
 from ._errors import UsageError
 from ._interleaver import INPUT, OUTPUT, Key
 from ._mediator import Mediator, current_mediator
@@ -221,7 +222,7 @@ class Model(Envoy):
         object.__setattr__(self, "_sites", sites)
         object.__setattr__(self, "_paths", paths)
         object.__setattr__(self, "_taps", taps)
-        object.__setattr__(self, "_batcher", batcher or Batcher())
+        object.__setattr__(self, "_batcher", batcher or _default_batcher(module))
         object.__setattr__(self, "_pin_threads", pin_threads)
         super().__init__(module, "", self)
 
@@ -229,3 +230,31 @@ class Model(Envoy):
         """A trace: with inputs, its with-body is the single invoke; without, it holds
         `tr.invoke(...)` blocks. All invokes run in one batched forward pass."""
         return Tracer(self, args, kwargs)
+
+    def generate(self, *args: Any, **kwargs: Any) -> Tracer:
+        """A trace of the module's own `generate` (Hugging Face style). Step 0 is the forward
+        pass over the prompt, step k the one that produces the k-th new token; loop over them
+        with `tr.iter[...]`. Options such as `max_new_tokens` go to `generate`."""
+        if not callable(getattr(self._module, "generate", None)):
+            raise UsageError(
+                f"{type(self._module).__name__} has no generate() method; use model.trace(...) "
+                "for a forward pass"
+            )
+        return Tracer(self, args, kwargs, method="generate")
+
+
+def _default_batcher(module: nn.Module) -> Batcher:
+    """A causal-LM batcher (left padding) for language models that generate, else the plain one."""
+    config = getattr(module, "config", None)
+    if config is None or not callable(getattr(module, "generate", None)):
+        return Batcher()
+    if getattr(config, "is_encoder_decoder", False):
+        return Batcher()
+    vocab = getattr(config, "vocab_size", None)
+    for name in ("pad_token_id", "eos_token_id"):
+        token = getattr(config, name, None)
+        if isinstance(token, (list, tuple)):
+            token = token[0] if token else None
+        if isinstance(token, int) and (vocab is None or 0 <= token < vocab):
+            return CausalLMBatcher(token)
+    return CausalLMBatcher(0)

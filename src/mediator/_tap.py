@@ -10,6 +10,7 @@ it) route by thread, and the last one to leave restores the module's own `forwar
 
 from __future__ import annotations
 
+import functools
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -42,6 +43,7 @@ class Tap:
                 return original(*args, **kwargs)
             return route[0].call(route[1], original, args, kwargs)
 
+        functools.update_wrapper(forward, original)  # generate() inspects its signature
         forward.__mediator_tap__ = self  # type: ignore[attr-defined]
         self.routes = routes
         self.forward = forward

@@ -19,6 +19,8 @@ import types
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
+import torch
+
 from ._affinity import restore_current_thread, trace_cpu
 from ._errors import MediatorError, UsageError, _LoopEnd, _SkipBody, _Stop
 from ._frames import BodySkipper, read_names, write_names
@@ -32,6 +34,21 @@ if TYPE_CHECKING:
     from ._envoy import Model
 
 OPEN, RUN, CLOSED = "open", "running", "closed"
+
+_GENERATION_OPTIONS = frozenset(
+    {
+        "max_new_tokens",
+        "min_new_tokens",
+        "max_length",
+        "do_sample",
+        "num_beams",
+        "streamer",
+        "generation_config",
+        "temperature",
+        "top_k",
+        "top_p",
+    }
+)
 
 
 class Invoke:
@@ -123,10 +140,21 @@ class Invoke:
 class Tracer:
     """`model.trace(...)`: one batched forward pass with the invokes defined in its block."""
 
-    def __init__(self, model: Model, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    def __init__(
+        self, model: Model, args: tuple[Any, ...], kwargs: dict[str, Any], method: str = "forward"
+    ) -> None:
         self.model = model
+        self._method = method
         self._invokes: list[Invoke] = []
-        self._own = Invoke(self, args, kwargs) if args or kwargs else None
+        own = bool(args) or any(isinstance(v, torch.Tensor) for v in kwargs.values())
+        self._own = Invoke(self, args, kwargs) if own else None
+        self._options = {} if own else kwargs  # call options for a trace of several invokes
+        if method == "forward" and _GENERATION_OPTIONS & set(kwargs):
+            options = ", ".join(sorted(_GENERATION_OPTIONS & set(kwargs)))
+            raise UsageError(
+                f"model.trace() got generation options ({options}); use "
+                "model.generate(..., max_new_tokens=n) to trace generation"
+            )
         self._state = OPEN
         self._globals: dict[str, Any] = {}
         self._output: Any = None
@@ -222,7 +250,10 @@ class Tracer:
         model = self.model
         batcher = model._batcher
         try:
-            (args, kwargs), rows, total = batcher.batch([inv.inputs for inv in self._invokes])
+            generate = self._method == "generate"
+            inputs = [invoke.inputs for invoke in self._invokes]
+            (args, kwargs), rows, total = batcher.batch(inputs, generate)
+            kwargs = self._with_options(kwargs)
         except BaseException:
             self._state = CLOSED
             self._invokes = []
@@ -244,7 +275,8 @@ class Tracer:
         try:
             try:
                 interleaver.start()
-                output = model._module(*args, **kwargs)
+                call = model._module if self._method == "forward" else model._module.generate
+                output = call(*args, **kwargs)
                 interleaver.finish(output)
                 self._output = output
             except _Abort:
@@ -267,6 +299,14 @@ class Tracer:
             self._finish(frame, mediators, failure)
         if failure is not None:
             raise failure.with_traceback(_user_traceback(failure.__traceback__))
+
+    def _with_options(self, kwargs: dict[str, Any]) -> dict[str, Any]:
+        clash = set(self._options) & set(kwargs)
+        if clash:
+            raise UsageError(
+                f"{sorted(clash)} given both to the trace and to its invokes; give each once"
+            )
+        return {**kwargs, **self._options}
 
     def _finish(
         self, frame: types.FrameType, mediators: list[Mediator], failure: BaseException | None

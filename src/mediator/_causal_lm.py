@@ -1,0 +1,84 @@
+"""Batching for causal language models: prompts of different lengths in one batch.
+
+Each invoke passes `input_ids` (positionally or by keyword; shape `[T]` or `[n, T]`) and maybe an
+`attention_mask`. Prompts are padded on the left to the longest one, with the model's pad token
+and zeros in the attention mask, so the last position is every prompt's last real token and
+generation continues all of them in step. For a plain forward pass (`model.trace`) the position
+ids are computed from the mask, so each invoke's real tokens get the logits a solo run of its
+prompt gets; `generate` computes them itself. Values an invoke reads keep the left padding of its
+rows: position `-1` is always its last token.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ._batcher import Batcher, Inputs
+from ._errors import ShapeError
+
+
+class CausalLMBatcher(Batcher):
+    """Left-pads `input_ids` and `attention_mask` of invokes with different prompt lengths."""
+
+    def __init__(self, pad_token_id: int = 0) -> None:
+        self.pad_token_id = pad_token_id
+
+    def batch(
+        self, inputs: list[Inputs | None], generate: bool = False
+    ) -> tuple[Inputs, list[slice | None], int]:
+        prompts = [
+            None if entry is None else self._normalise(entry, i) for i, entry in enumerate(inputs)
+        ]
+        given = [entry for entry in prompts if entry is not None]
+        lengths = {entry[1]["input_ids"].shape[1] for entry in given}
+        masked = any("attention_mask" in entry[1] for entry in given)
+        if len(given) < 2 or (len(lengths) == 1 and not masked):
+            return super().batch(prompts, generate)
+        longest = max(lengths)
+        padded = [None if entry is None else self._pad(entry, longest) for entry in prompts]
+        (args, kwargs), rows, total = super().batch(padded, generate)
+        if not generate and "position_ids" not in kwargs:
+            mask = kwargs["attention_mask"]
+            kwargs["position_ids"] = (mask.long().cumsum(-1) - 1).clamp(min=0)
+        return (args, kwargs), rows, total
+
+    def _normalise(self, entry: Inputs, index: int) -> Inputs:
+        args, kwargs = entry
+        kwargs = dict(kwargs)
+        if args:
+            if "input_ids" in kwargs:
+                raise ShapeError(f"invoke {index} passes input_ids both by position and keyword")
+            kwargs["input_ids"], args = args[0], args[1:]
+        if "input_ids" not in kwargs:
+            raise ShapeError(
+                f"invoke {index} passes no input_ids: a causal language model takes token ids, "
+                "e.g. tr.invoke(tokenizer(text, return_tensors='pt').input_ids)"
+            )
+        for name in ("input_ids", "attention_mask"):
+            if name in kwargs:
+                value = torch.as_tensor(kwargs[name])
+                kwargs[name] = value.unsqueeze(0) if value.dim() == 1 else value
+        ids = kwargs["input_ids"]
+        mask = kwargs.get("attention_mask")
+        if mask is not None and mask.shape != ids.shape:
+            raise ShapeError(
+                f"invoke {index}: attention_mask has shape {list(mask.shape)} but input_ids has "
+                f"{list(ids.shape)}; they must match"
+            )
+        return tuple(args), kwargs
+
+    def _pad(self, entry: Inputs, length: int) -> Inputs:
+        args, kwargs = entry
+        ids = kwargs["input_ids"]
+        mask = kwargs.get("attention_mask")
+        if mask is None:
+            mask = torch.ones_like(ids)
+        missing = length - ids.shape[1]
+        if missing:
+            rows = ids.shape[0]
+            ids = torch.cat([ids.new_full((rows, missing), self.pad_token_id), ids], dim=1)
+            mask = torch.cat([mask.new_zeros((rows, missing)), mask], dim=1)
+        padded: dict[str, Any] = {**kwargs, "input_ids": ids, "attention_mask": mask}
+        return args, padded
