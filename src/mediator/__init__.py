@@ -12,6 +12,7 @@ trace as one batched forward pass. See README.md for a tour and SPEC.md for the 
         logits = model.output
 """
 
+from . import models
 from ._batcher import Batcher
 from ._causal_lm import CausalLMBatcher
 from ._envoy import Envoy, Model
@@ -40,6 +41,7 @@ __all__ = [
     "SourceUnavailableError",
     "Tracer",
     "UsageError",
+    "models",
 ]
 
 __version__ = "0.1.0"

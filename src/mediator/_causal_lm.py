@@ -22,8 +22,9 @@ from ._errors import ShapeError
 class CausalLMBatcher(Batcher):
     """Left-pads `input_ids` and `attention_mask` of invokes with different prompt lengths."""
 
-    def __init__(self, pad_token_id: int = 0) -> None:
+    def __init__(self, pad_token_id: int = 0, position_ids: bool = True) -> None:
         self.pad_token_id = pad_token_id
+        self.position_ids = position_ids  # whether the model's forward takes `position_ids`
 
     def batch(
         self, inputs: list[Inputs | None], generate: bool = False
@@ -39,7 +40,7 @@ class CausalLMBatcher(Batcher):
         longest = max(lengths)
         padded = [None if entry is None else self._pad(entry, longest) for entry in prompts]
         (args, kwargs), rows, total = super().batch(padded, generate)
-        if not generate and "position_ids" not in kwargs:
+        if self.position_ids and not generate and "position_ids" not in kwargs:
             mask = kwargs["attention_mask"]
             kwargs["position_ids"] = (mask.long().cumsum(-1) - 1).clamp(min=0)
         return (args, kwargs), rows, total

@@ -9,6 +9,7 @@ Envoy calls its module plainly, without interventions.
 from __future__ import annotations
 
 import difflib
+import inspect
 import os
 import sys
 from collections.abc import Iterator
@@ -251,10 +252,14 @@ def _default_batcher(module: nn.Module) -> Batcher:
     if getattr(config, "is_encoder_decoder", False):
         return Batcher()
     vocab = getattr(config, "vocab_size", None)
+    try:
+        takes_positions = "position_ids" in inspect.signature(module.forward).parameters
+    except (TypeError, ValueError):
+        takes_positions = False
     for name in ("pad_token_id", "eos_token_id"):
         token = getattr(config, name, None)
         if isinstance(token, (list, tuple)):
             token = token[0] if token else None
         if isinstance(token, int) and (vocab is None or 0 <= token < vocab):
-            return CausalLMBatcher(token)
-    return CausalLMBatcher(0)
+            return CausalLMBatcher(token, takes_positions)
+    return CausalLMBatcher(0, takes_positions)
