@@ -273,19 +273,24 @@ def test_a_tensor_created_inside_the_forward_is_not_kept(net, model, x):
 
 
 def test_a_failing_trace_retains_nothing(model, x):
+    # try/except rather than pytest.raises: pytest's ExceptionInfo outlives `del info`
     tr = model.trace(x)  # `with ... as tr` binds nothing when the trace fails in __enter__
-    with pytest.raises(ValueError) as info:
+    caught = False
+    try:
         with tr:
             ref = weakref.ref(model.layers[1].output)
             raise ValueError("after a read")
-    del info
+    except ValueError:
+        caught = True
     gc.collect()
+    assert caught
     assert tr is not None
     assert ref() is None
 
 
 def test_a_failing_invoke_retains_nothing_of_the_waiting_one(model, x):
-    with pytest.raises(ValueError):
+    caught = False
+    try:
         with model.trace() as tr:
             with tr.invoke(x):
                 ref_a = weakref.ref(model.layers[0].output)
@@ -293,8 +298,30 @@ def test_a_failing_invoke_retains_nothing_of_the_waiting_one(model, x):
             with tr.invoke(x):
                 ref_b = weakref.ref(model.layers[1].output)
                 raise ValueError("invoke 2")
+    except ValueError:
+        caught = True
     gc.collect()
+    assert caught
     assert ref_a() is None and ref_b() is None
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="BUG: the error raised from a failed trace carries the tracer's _run frame in its "
+    "traceback, whose Interleaver still holds the current Boundary (and the batched inputs): "
+    "keeping the exception keeps activations the body never bound",
+)
+def test_keeping_the_error_of_a_failed_trace_keeps_no_activation(model, x):
+    errors = []
+    try:
+        with model.trace(x):
+            ref = weakref.ref(model.layers[1].output)  # the body binds no tensor
+            raise ValueError("after a read")
+    except ValueError as error:
+        errors.append(error)  # a sweep that collects its errors
+    gc.collect()
+    assert len(errors) == 1
+    assert ref() is None
 
 
 @pytest.mark.xfail(

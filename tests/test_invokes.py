@@ -822,6 +822,17 @@ def test_non_tensor_argument_mismatch_is_shape_error():
                 model.output
 
 
+def test_swap_wrong_shape_in_one_invoke_names_its_rows(model):
+    a, b = randn(1, 2, 8), randn(2, 3, 8)
+    with pytest.raises(mediator.ShapeError) as info:
+        with model.trace() as tr:
+            with tr.invoke(a):
+                model.layers[1].output = torch.zeros(5, 8)  # the whole batch: wrong
+            with tr.invoke(b):
+                model.output
+    assert "layers.1" in str(info.value) and "[2, 8]" in str(info.value)
+
+
 def test_no_inputs_anywhere_is_usage_error(model, net, x):
     with pytest.raises(mediator.UsageError):
         with model.trace() as tr:

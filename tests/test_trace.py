@@ -430,6 +430,36 @@ def test_swap_wrong_dtype_is_a_shape_error(model, x):
             model.layers[0].output = h.double()
 
 
+def test_set_input_wrong_shape_is_shape_error(model, net, x):
+    with pytest.raises(mediator.ShapeError, match="layers.2"):
+        with model.trace(x):
+            model.layers[2].input = torch.zeros(5, 8)
+            model.output
+    assert torch.equal(model(x), net(x))
+
+
+def test_swap_out_of_order(model, x):
+    with pytest.raises(mediator.OutOfOrderError, match="layers.1"):
+        with model.trace(x):
+            h = model.layers[2].output
+            model.layers[1].output = h
+
+
+def test_swap_of_module_never_called_is_missed_provider(x):
+    net = WithUnused()
+    model = mediator.Model(net)
+    with pytest.raises(mediator.MissedProviderError, match="unused"):
+        with model.trace(x):
+            model.unused.output = torch.zeros(3, 8)
+            out = model.output
+
+
+def test_container_without_forward_is_usage_error(model, x):
+    with pytest.raises(mediator.UsageError, match="layers"):
+        with model.trace(x):
+            model.layers.output
+
+
 def test_output_outside_trace_is_usage_error(model, x):
     with pytest.raises(mediator.UsageError):
         model.layers[0].output
@@ -517,7 +547,7 @@ def test_control_flow_loops_and_print_in_body(model, net, x, capsys):
     assert torch.equal(out, expected)
     # norms of the values as the body saw them (after earlier layers' edits)
     assert len(norms) == 4
-    assert norms[0] == pytest.approx(float(hs[0].norm()))
+    assert norms[0] == pytest.approx(float(hs[0].detach().norm()))
     assert "shape in body: (3, 8)" in capsys.readouterr().out
 
 
@@ -585,6 +615,37 @@ def test_names_visible_after_block(model, net, x):
     assert torch.equal(scaled, seen(net, net.layers[0], x) * 3.0)
     assert (a, b, c, i, last) == (1, 2, 3, 1, 1)
     assert m.pi == pytest.approx(3.14159, rel=1e-5)
+
+
+def test_body_rebinds_an_enclosing_name(model, net, x):
+    count = 10
+    history = []
+    with model.trace(x):
+        count = count + 1
+        history.append(count)
+        out = model.output
+    assert count == 11 and history == [11]
+    assert torch.equal(out, net(x))
+
+
+def test_trace_in_a_loop(model, net, x):
+    results = []
+    for scale in (1.0, 2.0, -1.0):
+        with model.trace(x):
+            model.layers[0].output = model.layers[0].output * scale
+            results.append(model.output)
+    for scale, got in zip((1.0, 2.0, -1.0), results):
+        assert torch.equal(got, hooked(net, x, out={net.layers[0]: lambda o: o * scale}))
+
+
+def test_trace_with_keyword_input(model, net, x):
+    with model.trace(x=x):
+        inp = model.input
+        args, kwargs = model.inputs
+        out = model.output
+    assert torch.equal(inp, x)
+    assert args == () and set(kwargs) == {"x"}
+    assert torch.equal(out, net(x))
 
 
 def test_names_visible_in_nested_function(model, net, x):

@@ -74,6 +74,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ._batcher import Batcher
+from ._cache import Cache
 from ._errors import MediatorError, MissedProviderError, _Cancelled, _LoopEnd, _Stop
 
 if TYPE_CHECKING:
@@ -226,6 +227,7 @@ class Interleaver:
         self.step_floor = 0  # the lowest step they wait for
         self.stopping = False
         self.result: Any = _MISSING
+        self.caches: list[Cache] = []
 
     # -- the model thread's side -------------------------------------------------------------
 
@@ -354,7 +356,30 @@ class Interleaver:
                 self._resume(mediator, boundary.view(mediator))
                 self._settle()
         self.current = None
+        if self.caches:
+            self._record(boundary)
         return boundary
+
+    def open_cache(self, cache: Cache) -> None:
+        """Start recording the modules of `cache` (they become watched boundaries)."""
+        for site in cache.paths:
+            self.watch[site] += 1
+        self.caches.append(cache)
+
+    def _record(self, boundary: Boundary) -> None:
+        site, kind, _ = boundary.key
+        value = None
+        for cache in self.caches:
+            if site not in cache.paths or (kind == INPUT and not cache.record_inputs):
+                continue
+            if value is None:
+                value = boundary.merged()
+            rows = cache.rows
+            cache.record(
+                site,
+                kind == OUTPUT,
+                value if rows is None else self.batcher.narrow(value, rows, self.total),
+            )
 
     def _apply_ops(self, mediator: Mediator, boundary: Boundary) -> None:
         remaining = []

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import builtins
 import concurrent.futures
+import difflib
 import sys
 import time
 import types
@@ -22,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ._affinity import restore_current_thread, trace_cpu
+from ._cache import Cache
 from ._errors import MediatorError, UsageError, _LoopEnd, _SkipBody, _Stop
 from ._frames import BodySkipper, read_names, write_names
 from ._interleaver import Barrier, Interleaver, _Abort
@@ -149,6 +151,7 @@ class Tracer:
         own = bool(args) or any(isinstance(v, torch.Tensor) for v in kwargs.values())
         self._own = Invoke(self, args, kwargs) if own else None
         self._options = {} if own else kwargs  # call options for a trace of several invokes
+        self._caches: list[Cache] = []  # opened in the trace's block, before it runs
         if method == "forward" and _GENERATION_OPTIONS & set(kwargs):
             options = ", ".join(sorted(_GENERATION_OPTIONS & set(kwargs)))
             raise UsageError(
@@ -214,6 +217,28 @@ class Tracer:
             )
         return self._output
 
+    def cache(self, modules: Any = None, inputs: bool = False) -> Cache:
+        """Record every module's output (or those of `modules`, Envoys or paths), and with
+        `inputs=True` their `(args, kwargs)` too, as the rest of the forward sees them, one entry
+        per call, from now on. Inside an invoke body it holds that invoke's rows."""
+        model = self.model
+        paths = dict(enumerate(model._paths))
+        if modules is not None:
+            if isinstance(modules, str) or not isinstance(modules, (list, tuple, set)):
+                modules = [modules]
+            paths = dict(_site_of(model, module) for module in modules)
+        mediator = getattr(_local, "mediator", None)
+        if mediator is not None and mediator.tracer is self:
+            cache = Cache(paths, mediator.rows, inputs)
+            assert mediator.interleaver is not None
+            mediator.interleaver.open_cache(cache)
+            return cache
+        if self._state != OPEN:
+            raise UsageError("tr.cache() after the trace ran: open it in the trace's block")
+        cache = Cache(paths, None, inputs)
+        self._caches.append(cache)
+        return cache
+
     def stop(self) -> None:
         """End the forward pass right after the current point; the trace exits normally."""
         interleaver = self._own_mediator("tr.stop()").interleaver
@@ -268,6 +293,9 @@ class Tracer:
             for index, invoke in enumerate(self._invokes)
         ]
         interleaver = Interleaver(model._paths, mediators, batcher, total)
+        for cache in self._caches:
+            interleaver.open_cache(cache)
+        self._caches = []
         failure: BaseException | None = None
         pinned = trace_cpu() if model._pin_threads else None
         interleaver.cpu = pinned[0] if pinned else None
@@ -391,3 +419,15 @@ def _open_loop(mediator: Mediator, start: int, stride: int) -> Iterator[int]:
             step += stride
     finally:
         mediator.step = 0
+
+
+def _site_of(model: Model, module: Any) -> tuple[int, str]:
+    """The site index and path of a module given as an Envoy or a path."""
+    path = module if isinstance(module, str) else getattr(module, "path", None)
+    if not isinstance(path, str):
+        raise TypeError(f"tr.cache(modules=...) takes Envoys or paths, got {type(module).__name__}")
+    if path in model._paths:
+        return model._paths.index(path), path
+    close = difflib.get_close_matches(path, [p for p in model._paths if p], n=3, cutoff=0.5)
+    hint = f" Closest: {', '.join(map(repr, close))}." if close else ""
+    raise UsageError(f"tr.cache(): the model has no module {path!r} that it calls.{hint}")
