@@ -201,7 +201,78 @@ def main() -> None:
         1.5,
         f"{extra * 1e6:.1f} us per read vs {same * 1e6:.1f} us round trip",
     )
+    for invokes in (4, 16):
+        traced, hooked = compare(
+            lambda n=invokes: many_invokes(model, x, n),
+            lambda n=invokes: hook_reading(net, [5])(x.repeat(n, 1)),
+            calls // 2,
+            rounds,
+        )
+        report.add(
+            f"{invokes} invokes each reading one layer (12 layers)",
+            traced / hooked,
+            None,
+            f"{traced * 1e6:.0f} us vs {hooked * 1e6:.0f} us for one batched forward with a hook",
+        )
+    generation(report, calls, rounds)
     report.print()
+
+
+def many_invokes(model: mediator.Model, x: torch.Tensor, count: int) -> None:
+    """`count` invokes of batch 4, each reading a different layer, in one forward."""
+
+    def read(layer: int) -> torch.Tensor:
+        return model.layers[layer].output
+
+    with model.trace() as tr:
+        for i in range(count):
+            tr.invoke(x).run(read, i % 12)
+
+
+def generation(report: Report, calls: int, rounds: int) -> None:
+    """GPT-2 (2 layers, 64 wide, built from a config), 16 new tokens, one lm_head read a step."""
+    try:
+        import transformers
+    except ImportError:
+        print("(transformers not installed: generation scenario skipped)")
+        return
+    transformers.logging.set_verbosity_error()
+    config = transformers.GPT2Config(
+        n_layer=2,
+        n_embd=64,
+        n_head=4,
+        vocab_size=100,
+        n_positions=64,
+        eos_token_id=None,
+        bos_token_id=None,
+    )
+    torch.manual_seed(0)
+    net = transformers.GPT2LMHeadModel(config).eval()
+    model = mediator.Model(net)
+    ids = torch.randint(0, 100, (1, 8))
+    options = {"max_new_tokens": 16, "do_sample": False, "pad_token_id": 0}
+
+    def traced() -> None:
+        with model.generate(ids, **options) as tr:
+            logits = [model.lm_head.output for _ in tr.iter[:]]
+        assert len(logits) == 16
+
+    def hooked() -> None:
+        logits: list[torch.Tensor] = []
+        handle = net.lm_head.register_forward_hook(lambda m, a, o: logits.append(o))
+        try:
+            net.generate(ids, **options)
+        finally:
+            handle.remove()
+
+    count = max(10, calls // 10)
+    t, h = compare(traced, hooked, count, rounds)
+    report.add(
+        "generation: GPT-2 16 tokens, one read a step",
+        t / h,
+        1.3,
+        f"{t * 1e3:.2f} ms vs {h * 1e3:.2f} ms with a hook",
+    )
 
 
 if __name__ == "__main__":

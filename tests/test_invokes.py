@@ -125,7 +125,7 @@ class NestedBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
         h = self.lin(x)
-        return h, {"out": Out(hidden=h * 2, score=h.sum(-1)), "scale": 3}
+        return h, {"out": Out(hidden=h * 2, score=h.sum(-1)), "scale": 3, "bias": self.lin.bias}
 
 
 class NestedNet(nn.Module):
@@ -277,7 +277,7 @@ def test_nested_outputs_are_narrowed(x):
         o = extra["out"]
         hidden = o.hidden.clone()
         hidden[2:] = 0
-        return h, {"out": Out(hidden=hidden, score=o.score), "scale": extra["scale"]}
+        return h, {"out": Out(hidden=hidden, score=o.score), **{k: extra[k] for k in ("scale", "bias")}}
 
     expected = hooked(net, batch, out={net.block: edit})
     with model.trace() as tr:
@@ -288,11 +288,17 @@ def test_nested_outputs_are_narrowed(x):
             hb, extra_b = model.block.output
             model.block.output = (
                 hb,
-                {"out": Out(hidden=torch.zeros(3, 8), score=extra_b["out"].score), "scale": 3},
+                {
+                    "out": Out(hidden=torch.zeros(3, 8), score=extra_b["out"].score),
+                    "scale": 3,
+                    "bias": extra_b["bias"],
+                },
             )
             ob = model.output
     assert torch.equal(ha, h_full[:2]) and torch.equal(hb, h_full[2:])
     assert extra_a["scale"] == extra_b["scale"] == 3
+    # a tensor whose dim 0 is not the batch size is passed whole
+    assert extra_a["bias"] is net.block.lin.bias and extra_b["bias"] is net.block.lin.bias
     assert torch.equal(extra_a["out"].hidden, extra_full["out"].hidden[:2])
     assert torch.equal(extra_a["out"].score, extra_full["out"].score[:2])
     assert torch.equal(extra_b["out"].score, extra_full["out"].score[2:])
@@ -880,6 +886,21 @@ def _grad_oracle(net, batch, rows):
     grad_w = net.layers[0].weight.grad.clone()
     net.zero_grad()
     return grad_h, grad_w
+
+
+def test_trace_with_invokes_keeps_no_activation_alive(model):
+    import gc
+    import weakref
+
+    a, b = randn(1, 2, 8), randn(2, 3, 8)
+    with model.trace() as tr:
+        with tr.invoke(a):
+            ref_a = weakref.ref(model.layers[1].output)
+        fut = tr.invoke(b).run(lambda: weakref.ref(model.layers[2].output))
+    gc.collect()
+    assert ref_a() is None
+    assert fut.result()() is None
+    assert tr is not None
 
 
 def test_gradient_for_one_invoke_among_several(model, net):

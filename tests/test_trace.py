@@ -71,6 +71,11 @@ def line_of(marker: str) -> int:
     return hits[0]
 
 
+def no_taps(net: nn.Module) -> bool:
+    """No module of `net` carries an instance `forward` (what a trace installs while it runs)."""
+    return all("forward" not in module.__dict__ for module in net.modules())
+
+
 def same_file(a: str, b: str) -> bool:
     return os.path.abspath(a) == os.path.abspath(b)
 
@@ -684,7 +689,7 @@ def test_body_lambdas_comprehensions_and_functions(model, net, x):
 
         model.layers[1].output = shift(halve(h))
         out = model.output
-    h_ref = seen(net, net.layers[1], x)
+    h_ref = seen(net, net.layers[1], x).detach()
     assert torch.equal(out, hooked(net, x, out={net.layers[1]: lambda o: o * 0.5 + 0.5 + 0.25}))
     assert [float(r.detach()) for r in row_sums] == [
         float(h_ref[i].sum().detach() * 0.5) for i in range(3)
@@ -840,6 +845,7 @@ def test_model_exception_propagates(x):
             after = model[2].output  # never computed: the model fails first
     frames = traceback.extract_tb(info.value.__traceback__)
     assert frames[-1].lineno == line_of("MODEL-RAISE")
+    assert no_taps(net)
     net[1].armed = False
     assert torch.equal(model(x), net[2](net[0](x)))
     with model.trace(x):
@@ -975,3 +981,18 @@ def test_swap_nested_output_with_wrong_structure(x):
             t = model.tup.output
             model.tup.output = t[0]
             model.output
+    assert no_taps(net)
+    assert torch.equal(model(x), net(x))
+
+
+def test_trace_keeps_no_activation_alive(model, x):
+    import gc
+    import weakref
+
+    with model.trace(x) as tr:
+        ref = weakref.ref(model.layers[1].output)
+        seen_shape = tuple(model.layers[1].output.shape)
+    gc.collect()
+    assert seen_shape == (3, 8)
+    assert ref() is None, "an activation no user name holds is still alive (tr is kept)"
+    assert tr is not None
