@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import threading
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -56,9 +57,12 @@ def busy_workers() -> list[threading.Thread]:
 
 
 @pytest.fixture
-def net() -> MLP:
+def net() -> Iterator[MLP]:
+    """A 4-layer MLP; after the test it must carry no tap."""
     torch.manual_seed(0)
-    return MLP()
+    module = MLP()
+    yield module
+    assert patched_forwards(module) == [], "a tap was left on the model"
 
 
 @pytest.fixture
@@ -73,12 +77,8 @@ def x() -> torch.Tensor:
 
 
 @pytest.fixture(autouse=True)
-def nothing_left_behind(request: pytest.FixtureRequest):
-    """After every test: no worker busy, no tap left on any model the test built."""
+def no_busy_worker() -> Iterator[None]:
+    """After every test: no mediator worker still running trace code."""
     yield
     gc.collect()
     assert busy_workers() == [], "a mediator thread is still running after the test"
-    for name in ("net",):
-        if name in request.fixturenames:
-            module = request.getfixturevalue(name)
-            assert patched_forwards(module) == [], "a tap was left on the model"

@@ -3,6 +3,9 @@ interrupted, no thread of it runs, no tap or hook of it is left, the model compu
 computed before, no activation is kept alive but by the user's own names, the caller's CPU mask
 is back; two traces at once each get their own results; Ctrl-C ends a trace within a second."""
 
+# Bodies read values only to make a request (B018) and bind names to show they are bound (F841).
+# ruff: noqa: B018, F841
+
 from __future__ import annotations
 
 import _thread
@@ -575,8 +578,10 @@ def test_ctrl_c_while_the_model_forward_runs(trigger, main_thread_with_default_s
             reached.append("last")
 
     raised, seconds = _interrupted(trace, trigger, net.slow.running, net.slow.release)
-    print(f"\nCtrl-C ({trigger.__name__}) while the forward runs: KeyboardInterrupt "
-          f"{seconds * 1000 if seconds is not None else float('nan'):.2f} ms after the interrupt")
+    print(
+        f"\nCtrl-C ({trigger.__name__}) while the forward runs: KeyboardInterrupt "
+        f"{seconds * 1000 if seconds is not None else float('nan'):.2f} ms after the interrupt"
+    )
     assert raised, "KeyboardInterrupt did not come from the with"
     assert seconds < 1.0
     assert reached == []
@@ -613,8 +618,10 @@ def _busy_body_case(trigger, x):
 
     start = time.monotonic()
     raised, seconds = _interrupted(trace, trigger, busy)
-    print(f"\nCtrl-C ({trigger.__name__}) while a body is busy: KeyboardInterrupt "
-          f"{seconds * 1000 if seconds is not None else float('nan'):.2f} ms after the interrupt")
+    print(
+        f"\nCtrl-C ({trigger.__name__}) while a body is busy: KeyboardInterrupt "
+        f"{seconds * 1000 if seconds is not None else float('nan'):.2f} ms after the interrupt"
+    )
     assert raised, "KeyboardInterrupt did not come from the with"
     assert seconds < 1.0
     assert time.monotonic() - start < budget

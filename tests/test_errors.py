@@ -1,6 +1,9 @@
 """Every error row of SPEC section 7: the right type, a message that names the module path, the
 call and what to do instead, raised at the right moment, and nothing left behind."""
 
+# Bodies read values only to make a request (B018) and bind names to show they are bound (F841).
+# ruff: noqa: B018, F841
+
 from __future__ import annotations
 
 import os
@@ -192,7 +195,8 @@ def test_missed_provider_for_a_swap_names_the_line_of_the_swap(branchy, x):
     model = mediator.Model(branchy)
     with pytest.raises(MissedProviderError) as info:
         with model.trace(x):
-            line = sys._getframe().f_lineno; model.unused.output = torch.zeros(3, 8)  # noqa: E702
+            line = sys._getframe().f_lineno + 1  # the line of the swap below
+            model.unused.output = torch.zeros(3, 8)
     message = str(info.value)
     assert "unused.output (call 0)" in message
     assert f"{HERE}:{line}" in message
@@ -204,7 +208,8 @@ def test_missed_provider_for_a_swap_while_the_body_reads_on(branchy, x):
     model = mediator.Model(branchy)
     with pytest.raises(MissedProviderError) as info:
         with model.trace(x):
-            line = sys._getframe().f_lineno; model.unused.output = torch.zeros(3, 8)  # noqa: E702
+            line = sys._getframe().f_lineno + 1  # the line of the swap below
+            model.unused.output = torch.zeros(3, 8)
             out = model.output
     assert f"{HERE}:{line}" in str(info.value)
     assert "unused.output" in str(info.value)
@@ -348,7 +353,8 @@ def test_unknown_child_inside_a_body_reaches_the_with(net, model, x):
 def test_swap_of_the_wrong_shape(net, model, x):
     with pytest.raises(ShapeError) as info:
         with model.trace(x):
-            line = sys._getframe().f_lineno; model.layers[1].output = torch.zeros(3, 5)  # noqa: E702
+            line = sys._getframe().f_lineno + 1  # the line of the swap below
+            model.layers[1].output = torch.zeros(3, 5)
             out = model.output
     message = str(info.value)
     assert isinstance(info.value, MediatorError) and isinstance(info.value, ValueError)

@@ -3,6 +3,9 @@
 (the FIELD-NOTES f_locals snapshot pitfall), skipping a body; and, in subprocesses, the same on
 the other CPython versions installed here (PEP 667 on 3.13)."""
 
+# Bodies read values only to make a request (B018) and bind names to show they are bound (F841).
+# ruff: noqa: B018, F841
+
 from __future__ import annotations
 
 import gc
@@ -130,11 +133,8 @@ def test_write_names_then_del_releases_the_value():
     the user deletes the name, unless the writer removes it from the snapshot."""
     if False:
         held = None
-    value = Value()
-    ref = weakref.ref(value)
-    write_names(sys._getframe(), {"held": value})
-    del value
-    assert held is ref()
+    write_names(sys._getframe(), {"held": Value()})
+    ref = weakref.ref(held)
     del held
     gc.collect()
     assert ref() is None
@@ -145,7 +145,7 @@ def test_write_names_into_a_cell_variable():
         cell = None
 
     def inner():
-        return cell
+        return cell  # noqa: F821 - bound by write_names, deleted below
 
     write_names(sys._getframe(), {"cell": 7})
     assert cell == 7
@@ -171,12 +171,10 @@ def test_write_names_into_a_cell_then_del_releases_the_value():
         cell = None
 
     def inner():
-        return cell
+        return cell  # noqa: F821 - bound by write_names, deleted below
 
-    value = Value()
-    ref = weakref.ref(value)
-    write_names(sys._getframe(), {"cell": value})
-    del value
+    write_names(sys._getframe(), {"cell": Value()})
+    ref = weakref.ref(cell)
     assert inner() is ref()
     del cell
     gc.collect()
@@ -254,19 +252,24 @@ def test_body_skipper_keeps_a_previous_trace_function():
     events = []
 
     def tracer(frame, event, arg):
-        events.append(event)
+        events.append((event, frame.f_code.co_name))
         return None
+
+    def probe() -> None:
+        pass
 
     sys.settrace(tracer)
     try:
         ran = []
         with _Skip(lines=1):
             ran.append("body")
-        assert sys.gettrace() is tracer
+        reinstated = sys.gettrace()
+        probe()
     finally:
         sys.settrace(original)
     assert ran == []
-    assert "call" in events  # the skipper passed new frames on to the tracer installed before
+    assert reinstated is tracer
+    assert ("call", "probe") in events  # and it goes on receiving events
 
 
 def test_body_skipper_restore_twice_is_harmless():
@@ -280,7 +283,7 @@ def test_body_skipper_restore_twice_is_harmless():
 @pytest.mark.skipif(sys.version_info < (3, 11), reason="inline bodies need co_positions")
 def test_body_skipper_skips_an_inline_body():
     ran = []
-    with _Skip(marker="ran.append"): ran.append("body")  # noqa: E701
+    with _Skip(marker="ran.append"): ran.append("body")  # noqa: E701  # fmt: skip
     ran.append("after")
     assert ran == ["after"]
 
@@ -288,7 +291,7 @@ def test_body_skipper_skips_an_inline_body():
 # -- other Python versions ----------------------------------------------------------------------
 
 _CHECK = textwrap.dedent(
-    '''
+    """
     import gc, importlib.util, sys, types, weakref
 
     src = sys.argv[1]
@@ -329,11 +332,8 @@ _CHECK = textwrap.dedent(
     def check_release():
         if False:
             held = None
-        value = Value()
-        ref = weakref.ref(value)
-        frames.write_names(sys._getframe(), {"held": value})
-        del value
-        assert held is ref()
+        frames.write_names(sys._getframe(), {"held": Value()})
+        ref = weakref.ref(held)
         del held
         gc.collect()
         assert ref() is None, "a written value outlived its name"
@@ -376,24 +376,60 @@ _CHECK = textwrap.dedent(
         assert ran == ["after"], ran
         assert sys.gettrace() is None
 
-    for check in (check_write, check_twice, check_release, check_cell, check_read,
-                  check_module, check_skipper):
+    def check_other_locals():
+        if False:
+            bound = None
+        other = Value()
+        ref = weakref.ref(other)
+        frames.read_names(sys._getframe(), ["missing"])
+        frames.write_names(sys._getframe(), {"bound": 1})
+        del other
+        gc.collect()
+        assert ref() is None, "the f_locals snapshot kept another local alive"
+
+    checks = [check_write, check_twice, check_release, check_cell, check_read, check_module,
+              check_skipper]
+    if sys.argv[2:] == ["other-locals"]:
+        checks = [check_other_locals]
+    for check in checks:
         check()
     print("OK", sys.version_info[:2])
-    '''
+    """
 )
 
 
-@pytest.mark.parametrize("version", ["3.10.13", "3.12.1", "3.13.0"])
-def test_frames_on_other_python_versions(version):
+VERSIONS = ["3.10.13", "3.12.1", "3.13.0"]
+
+
+def _check_on(version: str, *extra: str) -> None:
     python = f"/root/.pyenv/versions/{version}/bin/python"
     if not os.path.exists(python):
         pytest.skip(f"{python} is not installed")
     done = subprocess.run(
-        [python, "-I", "-c", _CHECK, SRC],
+        [python, "-I", "-c", _CHECK, SRC, *extra],
         capture_output=True,
         text=True,
         timeout=60,
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("OK"), done.stdout
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_frames_on_other_python_versions(version):
+    _check_on(version)
+
+
+_SNAPSHOT_BUG = pytest.mark.xfail(
+    strict=True,
+    reason="BUG: before 3.13 read_names/write_names leave the caller's other locals in the "
+    "f_locals snapshot, which keeps them alive after the user dels them",
+)
+
+
+@pytest.mark.parametrize(
+    "version",
+    [pytest.param(v, marks=_SNAPSHOT_BUG) if v < "3.13" else v for v in VERSIONS],
+)
+def test_frames_keep_no_other_local_on_other_python_versions(version):
+    _check_on(version, "other-locals")

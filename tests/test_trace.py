@@ -5,6 +5,9 @@ the same module and compares with exact equality: one invoke runs the very same 
 nothing but the intervention may differ.
 """
 
+# Bodies read values only to make a request (B018) and bind names to show they are bound (F841).
+# ruff: noqa: B018, F841
+
 from __future__ import annotations
 
 import dataclasses
@@ -12,7 +15,8 @@ import os
 import runpy
 import textwrap
 import traceback
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 import torch
@@ -559,12 +563,14 @@ def test_control_flow_loops_and_print_in_body(model, net, x, capsys):
 def test_requests_from_a_comprehension_in_body(model, net, x):
     with model.trace(x):
         outs = [model.layers[i].output for i in range(4)]
-    for layer, got in zip(net.layers, outs):
+    for layer, got in zip(net.layers, outs, strict=True):
         assert torch.equal(got, seen(net, layer, x))
 
 
 def test_one_line_trace_body(model, net, x):
+    # fmt: off
     with model.trace(x): out = model.output  # noqa: E701
+    # fmt: on
     assert torch.equal(out, net(x))
 
 
@@ -639,8 +645,9 @@ def test_trace_in_a_loop(model, net, x):
         with model.trace(x):
             model.layers[0].output = model.layers[0].output * scale
             results.append(model.output)
-    for scale, got in zip((1.0, 2.0, -1.0), results):
-        assert torch.equal(got, hooked(net, x, out={net.layers[0]: lambda o: o * scale}))
+    for scale, got in zip((1.0, 2.0, -1.0), results, strict=True):
+        expected = hooked(net, x, out={net.layers[0]: lambda o, scale=scale: o * scale})
+        assert torch.equal(got, expected)
 
 
 def test_trace_with_keyword_input(model, net, x):

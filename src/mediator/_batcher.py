@@ -152,7 +152,7 @@ class Batcher:
 
 def _named_leaves(entry: Inputs, keys: list[str]) -> list[tuple[str, Any]]:
     args, kwargs = entry
-    named = []
+    named: list[tuple[str, Any]] = []
     for position, arg in enumerate(args):
         named.extend((f"input {position}", leaf) for leaf in flatten(arg)[0])
     for key in keys:

@@ -42,6 +42,13 @@ def _where() -> str:
 class Envoy:
     """A proxy for one module of a `Model` (see the SPEC: `model.layers[0].mlp.output`)."""
 
+    _module: nn.Module
+    _path: str
+    _model: Model
+    _site: int | None
+    _children: dict[str, Envoy]
+    _items: tuple[Envoy, ...]
+
     def __init__(self, module: nn.Module, path: str, model: Model) -> None:
         object.__setattr__(self, "_module", module)
         object.__setattr__(self, "_path", path)
@@ -70,7 +77,9 @@ class Envoy:
             return getattr(module, name)
         except AttributeError:
             pass
-        raise AttributeError(self._unknown(name)) from None
+        error = AttributeError(self._unknown(name))
+        error.name = None  # no second "Did you mean" from Python
+        raise error from None
 
     def __setattr__(self, name: str, value: Any) -> None:
         if name in _API or name in type(self).__dict__:
@@ -116,7 +125,7 @@ class Envoy:
     def _unknown(self, name: str) -> str:
         known = list(self._children) + [n for n in vars(self._module) if not n.startswith("_")]
         close = difflib.get_close_matches(name, known, n=3, cutoff=0.5)
-        hint = f" Closest names: {', '.join(repr(c) for c in close)}." if close else ""
+        hint = f" Did you mean: {', '.join(repr(c) for c in close)}?" if close else ""
         children = ", ".join(self._children) or "none"
         return (
             f"{self._label()} ({type(self._module).__name__}) has no child or attribute "
@@ -199,8 +208,8 @@ class Envoy:
 
     def skip(self, value: Any) -> None:
         """Do not run this module for this invoke: `value` is its output."""
-        mediator, _ = self._request("skip()", INPUT)
-        mediator.skip((self._site, INPUT, mediator.step), value, _where())
+        mediator, key = self._request("skip()", INPUT)
+        mediator.skip(key, value, _where())
 
 
 class Model(Envoy):

@@ -94,7 +94,7 @@ class BodySkipper:
 
         previous_global = self.previous_global
 
-        def global_(traced: types.FrameType, event: str, arg: Any) -> Any:
+        def global_(traced: types.FrameType, event: Any, arg: Any) -> Any:
             return previous_global(traced, event, arg) if previous_global else None
 
         frame.f_trace = local

@@ -272,9 +272,10 @@ class Interleaver:
             if not blocked:
                 self._check_unused_ops()
                 return
-            mediator = next((m for m in blocked if m.waiting.kind in (RESULT, STEP)), None)
+            mediator = next((m for m in blocked if _waits_for(m, RESULT, STEP)), None)
             if mediator is not None:
                 waiting = mediator.waiting
+                assert waiting is not None
                 self._withdraw(mediator)
                 if waiting.kind == RESULT:
                     self._resume(mediator, self.result_for(mediator))
@@ -282,7 +283,7 @@ class Interleaver:
                     self._resume(mediator, _Signal(_LoopEnd()))
                 self._settle()
                 continue
-            mediator = next((m for m in blocked if m.waiting.kind == VALUE or m.ops), None)
+            mediator = next((m for m in blocked if _waits_for(m, VALUE) or m.ops), None)
             if mediator is None:
                 if self._settle():
                     continue
@@ -404,18 +405,18 @@ class Interleaver:
     ) -> Any:
         """Run a call that some invokes skip: skipped rows get the invokes' own values."""
         skips = boundary.skips
-        whole = next((v for m, v in skips.items() if m.rows is None), _MISSING)
-        if whole is not _MISSING:
-            return whole
-        covered = sum(m.rows.stop - m.rows.start for m in skips)
-        if covered == self.total:
-            views = sorted(((m.rows, v) for m, v in skips.items()), key=lambda i: i[0].start)
-            return _concat_views(views)
-        output = original(*args, **kwargs)
-        key = (boundary.key[0], OUTPUT, boundary.key[2])
-        partial = Boundary(self, key, output)
+        narrowed: list[tuple[slice, Any]] = []
         for mediator, value in skips.items():
-            partial.swap(mediator, lambda old, value=value: value, "skip")
+            if mediator.rows is None:
+                return value
+            narrowed.append((mediator.rows, value))
+        narrowed.sort(key=lambda item: item[0].start)
+        if sum(rows.stop - rows.start for rows, _ in narrowed) == self.total:
+            return _concat_views(narrowed)
+        output = original(*args, **kwargs)
+        partial = Boundary(self, (boundary.key[0], OUTPUT, boundary.key[2]), output)
+        for mediator, value in skips.items():
+            partial.swap(mediator, _constant(value), "skip")
         return partial.merged()
 
     def _fail_body(self, mediator: Mediator, error: BaseException) -> None:
@@ -559,6 +560,14 @@ class Interleaver:
         path = self.paths[site]
         name = f"{path}.{KIND_NAMES[kind]}" if path else f"model.{KIND_NAMES[kind]}"
         return f"{name} (call {call})"
+
+
+def _constant(value: Any) -> Callable[[Any], Any]:
+    return lambda old: value
+
+
+def _waits_for(mediator: Mediator, *kinds: str) -> bool:
+    return mediator.waiting is not None and mediator.waiting.kind in kinds
 
 
 def _concat_views(views: list[tuple[slice, Any]]) -> Any:

@@ -63,7 +63,7 @@ class Mediator:
         self,
         tracer: Any,
         index: int,
-        body: Callable[..., Any],
+        body: Callable[..., Any] | None,
         args: tuple[Any, ...],
         rows: slice | None,
         state: TorchState,
@@ -78,6 +78,7 @@ class Mediator:
         self.state = state
         self.assigns = assigns  # names a with-body binds (for names other bodies wait on)
         self.fallbacks = fallbacks or {}
+        self.initial: dict[str, Any] = {}  # values the body's names had before it ran
         self.inbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self.interleaver: Interleaver | None = None
         self.waiting: Request | None = None
@@ -247,7 +248,10 @@ class Mediator:
                 return False, None
             scope = frame.f_locals
         if name in scope:
-            return True, scope[name]
+            value = scope[name]
+            if name in self.initial and value is self.initial[name]:
+                return False, None  # still the value from before the trace: not bound yet
+            return True, value
         return False, None
 
     def _body_frame(self) -> Any:

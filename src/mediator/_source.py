@@ -129,9 +129,10 @@ def _as_name(node: ast.With) -> str | None:
         and isinstance(item.context_expr.func, ast.Attribute)
         and item.context_expr.func.attr in ("trace", "invoke")
     ]
-    chosen = (ours or named or [None])[-1]
-    if chosen is None:
+    candidates = ours or named
+    if not candidates:
         return None
+    chosen = candidates[-1]
     assert isinstance(chosen.optional_vars, ast.Name)
     return chosen.optional_vars.id
 
@@ -293,14 +294,16 @@ def compile_body(
         returns=None,
     )
     if "type_params" in ast.FunctionDef._fields:
-        function.type_params = []
+        setattr(function, "type_params", [])  # noqa: B010 - Python 3.12+ only
     for node in (function, body, keep):
         ast.copy_location(node, source.statements[0])
     module = ast.fix_missing_locations(ast.Module(body=[function], type_ignores=[]))
     compiled = compile(module, source.filename, "exec", flags=source.flags, dont_inherit=True)
     code = next(c for c in compiled.co_consts if isinstance(c, types.CodeType))
     label = "<trace body>"
-    code = code.replace(co_name=label, **({"co_qualname": label} if _HAS_QUALNAME else {}))
+    code = code.replace(co_name=label)
+    if _HAS_QUALNAME:
+        code = code.replace(co_qualname=label)  # type: ignore[call-arg,unused-ignore]
     _compiled[key] = code
     return code
 

@@ -35,7 +35,7 @@ class TorchState:
             if torch.is_autocast_enabled(device)
         )
         stream = None
-        if torch.cuda.is_initialized():
+        if torch.cuda.is_initialized():  # type: ignore[no-untyped-call]
             stream = torch.cuda.current_stream()
         return cls(torch.is_grad_enabled(), torch.is_inference_mode_enabled(), autocast, stream)
 

@@ -78,7 +78,9 @@ class Invoke:
             self._skipper = None
         return kind is _SkipBody
 
-    def run(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> concurrent.futures.Future:
+    def run(
+        self, fn: Callable[..., Any], *args: Any, **kwargs: Any
+    ) -> concurrent.futures.Future[Any]:
         """Run `fn(*args, **kwargs)` as this invoke's body; its result arrives in the future
         when the trace has run (after the `with model.trace()` block)."""
         if not callable(fn):
@@ -106,7 +108,9 @@ class Invoke:
                 frame, source.first_line, source.last_line, source.first_column, source.inline
             )
 
-    def _mediator(self, index: int, rows: slice | None, state: TorchState, shared: set[str]):
+    def _mediator(
+        self, index: int, rows: slice | None, state: TorchState, shared: set[str]
+    ) -> Mediator:
         tracer = self.tracer
         if self.function is not None:
             fn, args, kwargs = self.function
@@ -117,6 +121,7 @@ class Invoke:
         params = tuple(sorted(name for name in self.scope if name not in cross))
         code = compile_body(source, params, cross)
         fallbacks = {name: self.scope[name] for name in cross if name in self.scope}
+        initial = {name: self.scope[name] for name in source.assigns if name in self.scope}
         mediator = Mediator(
             tracer,
             index,
@@ -125,8 +130,9 @@ class Invoke:
             rows,
             state,
             source.assigns,
-            fallbacks,  # type: ignore[arg-type]
+            fallbacks,
         )
+        mediator.initial = initial
         globals_ = tracer._globals
         mediator.body = types.FunctionType(code, globals_)
         mediator.code = code
@@ -303,7 +309,9 @@ class Tracer:
         try:
             try:
                 interleaver.start()
-                call = model._module if self._method == "forward" else model._module.generate
+                call: Callable[..., Any] = getattr(model._module, self._method, model._module)
+                if self._method == "forward":
+                    call = model._module  # through __call__, so the module's own hooks run
                 output = call(*args, **kwargs)
                 interleaver.finish(output)
                 self._output = output
@@ -364,11 +372,16 @@ class _InvokeFuture(concurrent.futures.Future):  # type: ignore[type-arg]
         self._tracer = tracer
 
     def result(self, timeout: float | None = None) -> Any:
-        if not self.done() and self._tracer._state == OPEN:
-            raise UsageError(
-                "this invoke's result is not there yet: the trace runs when its "
-                "`with model.trace()` block ends. Call .result() after the block"
-            )
+        if not self.done():
+            mediator = getattr(_local, "mediator", None)
+            if self._tracer._state == OPEN or (
+                mediator is not None and mediator.tracer is self._tracer
+            ):
+                raise UsageError(
+                    "this invoke's result is not there yet: it is set when the trace has run, "
+                    "after its `with model.trace()` block. Call .result() after the block; to "
+                    "pass values between invokes, bind names in with-bodies instead"
+                )
         return super().result(timeout)
 
 

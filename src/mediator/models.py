@@ -48,7 +48,8 @@ class Attention(nn.Module):
         scores = q @ k.transpose(-1, -2) / (width // self.heads) ** 0.5
         scores = scores.masked_fill(~mask[:, None], float("-inf"))
         weights = torch.softmax(scores, dim=-1).nan_to_num(0.0)
-        return self.out((weights @ v).transpose(1, 2).reshape(batch, length, width))
+        mixed: torch.Tensor = (weights @ v).transpose(1, 2).reshape(batch, length, width)
+        return self.out(mixed)  # type: ignore[no-any-return]
 
 
 class Block(nn.Module):
@@ -67,7 +68,8 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.ln1(x), mask)
-        return x + self.mlp(self.ln2(x))
+        out: torch.Tensor = x + self.mlp(self.ln2(x))
+        return out
 
 
 class TinyLM(nn.Module):
@@ -100,7 +102,8 @@ class TinyLM(nn.Module):
         x = self.embed(input_ids) + self.position(position_ids)
         for layer in self.layers:
             x = layer(x, mask)
-        return self.lm_head(self.ln_f(x))
+        logits: torch.Tensor = self.lm_head(self.ln_f(x))
+        return logits
 
     @torch.no_grad()
     def generate(
