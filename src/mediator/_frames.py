@@ -4,8 +4,9 @@ A with-body runs as a function in a mediator thread, so the names it uses come f
 frame and the names it binds go back there when the trace ends: at module level (and in class
 bodies, IPython cells) through the namespace dict; in functions through the fast locals, which
 Python 3.13 (PEP 667) writes through `frame.f_locals` and 3.10-3.12 write through
-`PyFrame_LocalsToFast` from the `f_locals` snapshot. Keys we put into that snapshot are removed
-afterwards, so it keeps no activation alive after the user deletes a name.
+`PyFrame_LocalsToFast` from the `f_locals` snapshot. Reading `f_locals` there fills the snapshot
+with every local of the function; we empty it again (the next `locals()` refills it), so it keeps
+no activation alive after the user deletes a name.
 
 The caller must not run the body itself: `skip_body` makes the body's first line raise
 `_SkipBody`, which the `with` statement's `__exit__` swallows. Tracing functions are per thread
@@ -35,8 +36,7 @@ def read_names(frame: types.FrameType, names: Iterable[str]) -> dict[str, Any]:
     scope = frame.f_locals
     found = {name: scope[name] for name in names if name in scope}
     if _optimized(frame) and not _PEP_667:
-        for name in found:
-            scope.pop(name, None)
+        scope.clear()  # the snapshot we just filled would keep every local alive
     return found
 
 
@@ -51,8 +51,7 @@ def write_names(frame: types.FrameType, values: dict[str, Any]) -> None:
         return
     scope.update(values)
     ctypes.pythonapi.PyFrame_LocalsToFast(ctypes.py_object(frame), ctypes.c_int(0))
-    for name in values:
-        scope.pop(name, None)
+    scope.clear()
 
 
 class BodySkipper:

@@ -277,6 +277,13 @@ class Tracer:
     # -- running ------------------------------------------------------------------------------
 
     def _run(self, frame: types.FrameType) -> None:
+        """Run the trace; raise what failed it. This frame holds nothing of the trace, so a
+        kept exception keeps no activation alive through its traceback."""
+        failure = self._execute(frame)
+        if failure is not None:
+            raise failure.with_traceback(_user_traceback(failure.__traceback__))
+
+    def _execute(self, frame: types.FrameType) -> BaseException | None:
         self._state = RUN
         model = self.model
         batcher = model._batcher
@@ -333,8 +340,7 @@ class Tracer:
                 restore_current_thread(pinned[1])
             self._state = CLOSED
             self._finish(frame, mediators, failure)
-        if failure is not None:
-            raise failure.with_traceback(_user_traceback(failure.__traceback__))
+        return failure
 
     def _with_options(self, kwargs: dict[str, Any]) -> dict[str, Any]:
         clash = set(self._options) & set(kwargs)
@@ -360,6 +366,8 @@ class Tracer:
                         mediator.error or failure or MediatorError("the trace was cancelled")
                     )
             mediator.final_locals = mediator.result = mediator.error = None
+            invoke.scope = {}
+            invoke.function = invoke.future = None
         self._invokes = []
         write_names(frame, names)
 
