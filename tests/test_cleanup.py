@@ -310,9 +310,9 @@ def test_a_failing_invoke_retains_nothing_of_the_waiting_one(model, x):
 
 @pytest.mark.xfail(
     strict=True,
-    reason="BUG: the error raised from a failed trace carries the tracer's _run frame in its "
-    "traceback, whose Interleaver still holds the current Boundary (and the batched inputs): "
-    "keeping the exception keeps activations the body never bound",
+    reason="BUG: a kept error's traceback holds the body frame, whose f_back (Mediator._run) "
+    "and __mediator_keep__/__mediator_name__ locals reach the Mediator, its Interleaver and "
+    "the current Boundary: keeping the exception keeps activations the body never bound",
 )
 def test_keeping_the_error_of_a_failed_trace_keeps_no_activation(model, x):
     errors = []
@@ -327,11 +327,6 @@ def test_keeping_the_error_of_a_failed_trace_keeps_no_activation(model, x):
     assert ref() is None
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: on Python <3.13 the frame's f_locals snapshot that a later trace fills keeps "
-    "every other local of the caller alive after the user dels it (FIELD-NOTES pitfall)",
-)
 def test_a_later_trace_in_the_same_function_keeps_no_deleted_value(model, x):
     with model.trace(x):
         h = model.layers[1].output
@@ -343,11 +338,6 @@ def test_a_later_trace_in_the_same_function_keeps_no_deleted_value(model, x):
     assert ref() is None
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: Tracer._own.scope keeps the old values of the names its body reads or "
-    "rebinds, so keeping `tr` keeps an earlier trace's activation alive",
-)
 def test_keeping_the_tracer_keeps_no_value_its_body_replaced(model, x):
     with model.trace(x):
         h = model.layers[1].output

@@ -34,6 +34,9 @@ it has the baton back)
             the traced call has returned.
     STOP    `interleaver.stopping = True` (`tr.stop()`): when the baton comes back, the model
             thread raises `_Stop` to end the forward; bodies still waiting are cancelled quietly.
+    CACHE   `interleaver.open_cache(cache)` (`tr.cache()`): the cached sites become watched, and
+            after every boundary of them is served its merged value is recorded. Needs no
+            answer.
     END     `mediator.done = True`: the body returned (`result`) or raised (`error`).
 
 Replies, interleaver -> mediator (what `get()` returns in the mediator)
@@ -49,12 +52,16 @@ Order of a trace (`run`)
        the mediators in definition order: apply their ops for this boundary, then resume each
        one whose VALUE request is for it. After every resume, settle barriers and name waits.
        A boundary nobody watches costs two list reads and no queue traffic.
-    3. After the forward: every request still open can no longer be served. Resume each blocked
+    3. After the forward: answer RESULT requests and end open loops (STEP -> `_LoopEnd`), in
+       definition order; every other open request can no longer be served: resume each blocked
        mediator with MissedProviderError (or NameError, or an unfinished-barrier error) until
        all are DONE.
     On any failure (an exception from a body, the model, or Ctrl-C) the forward stops and every
     mediator that is not DONE is resumed with `_Cancelled` (a busy one also gets it as an
-    asynchronous exception), and waited for; then the failure is raised to the caller.
+    asynchronous exception), and waited for; then the failure is raised to the caller. After a
+    Ctrl-C this wait lasts at most a second. The model thread's waits are plain `get()` calls,
+    which a real SIGINT interrupts; `_thread.interrupt_main()` sends no signal, so it is seen
+    only when the baton comes back.
 
 Every wait has a way out: a mediator blocked in `get()` is always resumed (by the model thread,
 which owns the order above and finishes it in `finally`), and the model thread waits only for a
