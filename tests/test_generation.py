@@ -6,9 +6,12 @@ forward hooks on the same module during the module's own `generate`/forward, and
 each prompt for batched invokes of different lengths (left padding).
 """
 
+# ruff: noqa: B007, B018, F841
+
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 import torch
@@ -116,7 +119,7 @@ def test_tiny_steps_are_prompt_then_new_tokens(tiny, prompts):
     assert count == NEW
     prompt = ids.shape[1]
     assert shapes == [(k, (1, prompt + k, 64)) for k in range(NEW)]
-    for got, want in zip(logits, record):
+    for got, want in zip(logits, record, strict=True):
         assert torch.equal(got, want)
     assert torch.equal(tr.result, expected)
     # step k's logits predict token k
@@ -138,7 +141,7 @@ def test_tiny_steps_function_form(tiny, prompts):
         future = tr.invoke(ids).run(body, tr)
     hidden, tokens = future.result()
     assert len(hidden) == NEW
-    for k, (got, want) in enumerate(zip(hidden, record)):
+    for k, (got, want) in enumerate(zip(hidden, record, strict=True)):
         assert got.shape == (1, ids.shape[1] + k, 32)
         assert torch.equal(got, want)
     assert torch.equal(tokens, expected)
@@ -181,9 +184,7 @@ def test_tiny_steering_only_at_step_two(tiny, prompts, vec, form):
     expected = hooked_generate(
         tiny, ids, {tiny.layers[0]: steer_last(vec, {2})}, max_new_tokens=NEW
     )
-    everywhere = hooked_generate(
-        tiny, ids, {tiny.layers[0]: steer_last(vec)}, max_new_tokens=NEW
-    )
+    everywhere = hooked_generate(tiny, ids, {tiny.layers[0]: steer_last(vec)}, max_new_tokens=NEW)
     plain = tiny.generate(ids, max_new_tokens=NEW)
     prompt = ids.shape[1]
     # tokens before step 2 are untouched; step 2 onwards differ from the plain run
@@ -241,7 +242,9 @@ def test_tiny_batched_prompts_equal_solo_generations(tiny, prompts):
     assert torch.equal(unpad(rows_a, a.shape[1]), solo_a)
     assert torch.equal(unpad(rows_b, b.shape[1]), solo_b)
     # left padding: b's rows start with pad tokens, and its step-0 logits at real tokens match
-    assert torch.equal(rows_b[:, : longest - b.shape[1]], torch.zeros(1, longest - b.shape[1]).long())
+    assert torch.equal(
+        rows_b[:, : longest - b.shape[1]], torch.zeros(1, longest - b.shape[1]).long()
+    )
     assert first_b.shape == (1, longest, 64)
     assert torch.allclose(first_b[:, longest - b.shape[1] :], tiny(b), atol=1e-5)
     assert tr.result.shape == (2, longest + NEW)
@@ -472,7 +475,7 @@ def test_hf_per_step_lm_head_reads_equal_hook(hf, hf_prompts):
         logits = [model.lm_head.output for _ in tr.iter[:]]
         after = torch.stack([step[0, -1] for step in logits])
     assert len(logits) == new
-    for got, want in zip(logits, record):
+    for got, want in zip(logits, record, strict=True):
         assert got.shape == want.shape == (1, 1, 100)  # transformers 5 keeps only the last logits
         assert torch.equal(got, want)
     assert torch.equal(after.argmax(-1), expected[0, ids.shape[1] :])
@@ -582,7 +585,7 @@ def test_tiny_cache_records_every_step(tiny, prompts):
         future = tr.invoke(ids).run(body, tr)
     cache = future.result()
     assert len(cache["ln_f"]) == NEW
-    for got, want in zip(cache["ln_f"], record):
+    for got, want in zip(cache["ln_f"], record, strict=True):
         assert torch.equal(got, want)
     assert torch.equal(tr.result, expected)
 
@@ -593,7 +596,9 @@ def test_tiny_stop_during_generation(tiny, prompts):
     record: list[torch.Tensor] = []
     hooked_generate(tiny, ids, {tiny.lm_head: collect(record)}, max_new_tokens=NEW)
     starts = [0]
-    handle = tiny.lm_head.register_forward_pre_hook(lambda m, a: starts.__setitem__(0, starts[0] + 1))
+    handle = tiny.lm_head.register_forward_pre_hook(
+        lambda m, a: starts.__setitem__(0, starts[0] + 1)
+    )
     try:
         with model.generate(ids, max_new_tokens=NEW) as tr:
             kept = []
@@ -605,7 +610,7 @@ def test_tiny_stop_during_generation(tiny, prompts):
         handle.remove()
     assert starts[0] == 2  # lm_head ran for steps 0 and 1 only
     assert len(kept) == 2
-    for got, want in zip(kept, record):
+    for got, want in zip(kept, record[:2], strict=True):
         assert torch.equal(got, want)
     assert tr.result is None
 
@@ -627,7 +632,7 @@ def test_tiny_root_input_at_every_step(tiny, prompts):
     with model.generate(ids, max_new_tokens=NEW) as tr:
         fed = [model.input for _ in tr.iter[:]]
     assert len(fed) == NEW
-    for got, want in zip(fed, seen):
+    for got, want in zip(fed, seen, strict=True):
         assert torch.equal(got, want)
     assert torch.equal(tr.result, expected)
 
@@ -644,6 +649,6 @@ def test_tiny_root_input_at_bounded_steps(tiny, prompts):
     with model.generate(ids, max_new_tokens=NEW) as tr:
         fed = [model.input for _ in tr.iter[0:NEW]]
     assert len(fed) == NEW
-    for k, (got, want) in enumerate(zip(fed, seen)):
+    for k, (got, want) in enumerate(zip(fed, seen, strict=True)):
         assert got.shape == (1, ids.shape[1] + k)
         assert torch.equal(got, want)

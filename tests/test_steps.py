@@ -6,10 +6,13 @@ Every step selection must pick exactly the calls a counting hook sees at those n
 edits must land on exactly those calls (exact equality: the same batched forward runs).
 """
 
+# ruff: noqa: B007, B018, F841
+
 from __future__ import annotations
 
 import re
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 import torch
@@ -188,7 +191,7 @@ def test_iter_reaches_nested_module_calls(rnet, xs):
     with model.trace(x) as tr:
         lins = [model.cell.lin.output for _ in tr.iter[:]]
     assert len(lins) == T
-    for value, expected in zip(lins, record):
+    for value, expected in zip(lins, record, strict=True):
         assert torch.equal(value, expected)
 
 
@@ -241,16 +244,13 @@ def test_bounded_steps_read_inputs_of_each_call(tnet, xs):
     with model.trace(x) as tr:
         got = [(model.shared.input, model.shared.output) for _ in tr.iter[0:2]]
     assert len(got) == 2
-    for (seen_input, seen_output), expected_in, expected_out in zip(got, inputs, record):
+    for (seen_input, seen_output), expected_in, expected_out in zip(
+        got, inputs, record, strict=True
+    ):
         assert torch.equal(seen_input, expected_in)
         assert torch.equal(seen_output, expected_out)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: an open tr.iter loop wakes for step k after the module's call k started, "
-    "so .input of call k is already out of order",
-)
 def test_open_loop_reads_inputs_of_each_call(tnet, xs):
     x = xs[1]
     model = mediator.Model(tnet)
@@ -258,15 +258,10 @@ def test_open_loop_reads_inputs_of_each_call(tnet, xs):
     with model.trace(x) as tr:
         got = [model.shared.input for _ in tr.iter[:]]
     assert len(got) == 2
-    for seen_input, expected_in in zip(got, inputs):
+    for seen_input, expected_in in zip(got, inputs, strict=True):
         assert torch.equal(seen_input, expected_in)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: an open tr.iter loop wakes for step k after the module's call k started, "
-    "so a skip or input edit of call k is already out of order",
-)
 def test_open_loop_edits_inputs_of_each_call(rnet, xs):
     x = xs[0]
     model = mediator.Model(rnet)
@@ -329,7 +324,7 @@ def test_open_loop_function_form_returns_after_loop(rnet, xs):
     outs, marker, final = future.result()
     assert marker == "after the loop"
     assert len(outs) == T
-    for value, expected in zip(outs, record):
+    for value, expected in zip(outs, record, strict=True):
         assert torch.equal(value, expected)
     assert torch.equal(final, expected_out)
 
@@ -488,7 +483,7 @@ def test_in_place_edit_on_a_slice_of_steps(rnet, xs):
             out = tr.result
     assert torch.equal(out, expected_out)
     assert len(seen) == T
-    for value, expected in zip(seen, record):
+    for value, expected in zip(seen, record, strict=True):
         assert torch.equal(value, expected)
 
 
@@ -539,7 +534,7 @@ def test_batched_invokes_edit_and_read_chosen_steps(rnet, xs):
     assert torch.equal(out1, expected_out[rows])
     assert torch.equal(out2, expected_out[2:])
     assert len(read2) == T
-    for value, expected in zip(read2, record):
+    for value, expected in zip(read2, record, strict=True):
         assert torch.equal(value, expected[2:])
 
 

@@ -250,9 +250,9 @@ class Interleaver:
     def call(self, site: int, original: Callable[..., Any], args: Any, kwargs: Any) -> Any:
         """One call of a tapped module by the model thread (see `_tap.Tap`)."""
         call = self.started[site]
-        self.started[site] = call + 1
         if self.step_waits and call >= self.step_floor:
-            self._wake_steps(call)
+            self._wake_steps(call)  # before the call counts as started: its input is still ahead
+        self.started[site] = call + 1
         skip = None
         if self.watch[site]:
             boundary = self._serve((site, INPUT, call), (args, kwargs))
