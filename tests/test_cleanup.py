@@ -308,12 +308,6 @@ def test_a_failing_invoke_retains_nothing_of_the_waiting_one(model, x):
     assert ref_a() is None and ref_b() is None
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a kept error's traceback holds the body frame, whose f_back (Mediator._run) "
-    "and __mediator_keep__/__mediator_name__ locals reach the Mediator, its Interleaver and "
-    "the current Boundary: keeping the exception keeps activations the body never bound",
-)
 def test_keeping_the_error_of_a_failed_trace_keeps_no_activation(model, x):
     errors = []
     try:
@@ -632,8 +626,9 @@ def test_ctrl_c_while_a_body_is_busy_sigint(main_thread_with_default_sigint, x):
 
 @pytest.mark.xfail(
     strict=True,
-    reason="BUG: the model thread waits for a busy body in an untimed SimpleQueue.get(), so "
-    "_thread.interrupt_main() (a Ctrl-C with no OS signal) is seen only when the body ends",
+    reason="LIMITATION: the model thread waits for a busy body in a plain SimpleQueue.get() "
+    "(no polling), which a real SIGINT interrupts but _thread.interrupt_main() (no OS signal) "
+    "does not; it is seen when the body next hands back the baton",
 )
 def test_ctrl_c_while_a_body_is_busy_interrupt_main(main_thread_with_default_sigint, x):
     _busy_body_case(_interrupt_main, x)

@@ -615,11 +615,6 @@ def test_tiny_stop_during_generation(tiny, prompts):
     assert tr.result is None
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: an open tr.iter loop wakes for step k after the module's call k started, "
-    "so model.input of call k (the root, first to start) is already out of order",
-)
 def test_tiny_root_input_at_every_step(tiny, prompts):
     ids = prompts[1]
     model = mediator.Model(tiny)

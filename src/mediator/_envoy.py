@@ -123,7 +123,9 @@ class Envoy:
         return f"model.{self._path}" if self._path else "model"
 
     def _unknown(self, name: str) -> str:
-        known = list(self._children) + [n for n in vars(self._module) if not n.startswith("_")]
+        module = self._module
+        known = [*self._children, *module._parameters, *module._buffers]
+        known += [n for n in vars(module) if not n.startswith("_")]
         close = difflib.get_close_matches(name, known, n=3, cutoff=0.5)
         hint = f" Did you mean: {', '.join(repr(c) for c in close)}?" if close else ""
         children = ", ".join(self._children) or "none"

@@ -368,6 +368,19 @@ class Interleaver:
             self._record(boundary)
         return boundary
 
+    def close(self) -> None:
+        """Drop every reference to values of the trace (the trace has ended)."""
+        self.current = None
+        self.result = _MISSING
+        self.caches = []
+        self.barriers = []
+        for mediator in self.mediators:
+            mediator.ops = []
+            mediator.waiting = None
+            mediator.final_locals = mediator.result = mediator.error = None
+            mediator.interleaver = None
+        self.mediators = []
+
     def open_cache(self, cache: Cache) -> None:
         """Start recording the modules of `cache` (they become watched boundaries)."""
         for site in cache.paths:

@@ -340,6 +340,7 @@ class Tracer:
                 restore_current_thread(pinned[1])
             self._state = CLOSED
             self._finish(frame, mediators, failure)
+            interleaver.close()
         return failure
 
     def _with_options(self, kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -365,7 +366,6 @@ class Tracer:
                     invoke.future.set_exception(
                         mediator.error or failure or MediatorError("the trace was cancelled")
                     )
-            mediator.final_locals = mediator.result = mediator.error = None
             invoke.scope = {}
             invoke.function = invoke.future = None
         self._invokes = []
