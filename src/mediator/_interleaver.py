@@ -70,9 +70,7 @@ mediator that holds the baton, which ends in a request, an END, or an exception 
 
 from __future__ import annotations
 
-import ctypes
 import queue
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -83,6 +81,7 @@ import torch
 from ._batcher import Batcher
 from ._cache import Cache
 from ._errors import MediatorError, MissedProviderError, _Cancelled, _LoopEnd, _Stop
+from ._tree import flatten
 
 if TYPE_CHECKING:
     from ._mediator import Mediator
@@ -199,8 +198,6 @@ _MISSING = object()
 def _requires_grad(value: Any) -> bool:
     if isinstance(value, torch.Tensor):
         return value.requires_grad
-    from ._tree import flatten
-
     return any(isinstance(leaf, torch.Tensor) and leaf.requires_grad for leaf in flatten(value)[0])
 
 
@@ -591,18 +588,9 @@ def _waits_for(mediator: Mediator, *kinds: str) -> bool:
 
 
 def _concat_views(views: list[tuple[slice, Any]]) -> Any:
-    from ._tree import flatten
-
     flat = [flatten(value) for _, value in views]
     leaves = [
         torch.cat(column, dim=0) if isinstance(column[0], torch.Tensor) else column[0]
         for column in zip(*(leaves for leaves, _ in flat), strict=False)
     ]
     return flat[0][1](leaves)
-
-
-def async_raise(thread: threading.Thread, error: type[BaseException]) -> None:
-    """Raise `error` in `thread` at its next check for pending events (a call or a loop)."""
-    ident = thread.ident
-    if ident is not None:
-        ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(ident), ctypes.py_object(error))

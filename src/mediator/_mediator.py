@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import builtins
 import contextlib
+import ctypes
 import os
 import queue
 import sys
@@ -32,7 +33,6 @@ from ._interleaver import (
     Op,
     Request,
     _Signal,
-    async_raise,
 )
 from ._torchstate import TorchState
 from ._workers import POOL
@@ -296,6 +296,13 @@ class Mediator:
                 self.cancelled = True
             raise reply.error
         return reply
+
+
+def async_raise(thread: threading.Thread, error: type[BaseException]) -> None:
+    """Raise `error` in `thread` at its next check for pending events (a call or a loop)."""
+    ident = thread.ident
+    if ident is not None:
+        ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(ident), ctypes.py_object(error))
 
 
 def _absorb_pending_interrupt() -> None:
