@@ -94,6 +94,9 @@ class Batcher:
                 self.check_replacement(old_leaf, new_leaf, where)
 
     def _rows_of(self, entry: Inputs, index: int) -> int:
+        args = entry[0]
+        if args and isinstance(args[0], torch.Tensor) and args[0].dim() > 0:
+            return int(args[0].shape[0])
         for _name, leaf in _named_leaves(entry, list(entry[1])):
             if isinstance(leaf, torch.Tensor) and leaf.dim() > 0:
                 return int(leaf.shape[0])

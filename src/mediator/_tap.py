@@ -27,10 +27,11 @@ Route = tuple[Any, int]
 class Tap:
     """The `forward` wrapper of one module and the table of threads that trace it."""
 
-    __slots__ = ("module", "saved", "routes", "forward")
+    __slots__ = ("module", "attributes", "saved", "routes", "forward")
 
     def __init__(self, module: nn.Module) -> None:
         self.module = module
+        self.attributes = module.__dict__
         self.saved = module.__dict__.get("forward", _ABSENT)
         original: Callable[..., Any] = module.forward
         routes: dict[int, Route] = {}
@@ -48,10 +49,6 @@ class Tap:
         self.routes = routes
         self.forward = forward
 
-    def fresh(self) -> bool:
-        """Whether the module still has the `forward` this tap was built around."""
-        return self.module.__dict__.get("forward", _ABSENT) is self.saved
-
 
 def attach(taps: list[Tap], interleaver: Any) -> list[Tap]:
     """Route the calling thread's calls of each tapped module to `interleaver`.
@@ -63,14 +60,18 @@ def attach(taps: list[Tap], interleaver: Any) -> list[Tap]:
     attached = []
     with _LOCK:
         for site, tap in enumerate(taps):
-            current = tap.module.__dict__.get("forward", _ABSENT)
-            active = getattr(current, "__mediator_tap__", None)
-            if active is None:
-                if not tap.fresh():
-                    tap = Tap(tap.module)
-                    taps[site] = tap
-                tap.module.__dict__["forward"] = tap.forward
+            current = tap.attributes.get("forward", _ABSENT)
+            if current is tap.saved:  # untapped, as when the tap was built
+                tap.attributes["forward"] = tap.forward
                 active = tap
+            elif current is tap.forward:  # tapped by another trace of this Model
+                active = tap
+            else:
+                other: Tap | None = getattr(current, "__mediator_tap__", None)
+                if other is None:  # the module's forward was replaced since: tap it afresh
+                    other = taps[site] = Tap(tap.module)
+                    other.attributes["forward"] = other.forward
+                active = other
             active.routes[ident] = (interleaver, site)
             attached.append(active)
     return attached
@@ -81,12 +82,11 @@ def detach(attached: list[Tap]) -> None:
     ident = threading.get_ident()
     with _LOCK:
         for tap in attached:
-            tap.routes.pop(ident, None)
-            if tap.routes:
-                continue
-            if tap.module.__dict__.get("forward") is not tap.forward:
-                continue  # replaced by someone else during the trace: theirs stays
+            routes = tap.routes
+            del routes[ident]
+            if routes or tap.attributes.get("forward") is not tap.forward:
+                continue  # still traced elsewhere, or replaced by someone else: theirs stays
             if tap.saved is _ABSENT:
-                del tap.module.__dict__["forward"]
+                del tap.attributes["forward"]
             else:
-                tap.module.__dict__["forward"] = tap.saved
+                tap.attributes["forward"] = tap.saved
