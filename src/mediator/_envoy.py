@@ -21,7 +21,7 @@ from ._batcher import Batcher
 from ._causal_lm import CausalLMBatcher
 from ._errors import UsageError
 from ._interleaver import INPUT, OUTPUT, Key
-from ._mediator import Mediator, current_mediator
+from ._mediator import Mediator, _local, current_mediator
 from ._tap import Tap
 from ._tracer import Tracer
 
@@ -137,7 +137,7 @@ class Envoy:
     # -- interventions ------------------------------------------------------------------------
 
     def _request(self, what: str, kind: int) -> tuple[Mediator, Key]:
-        mediator = current_mediator(lambda: f"{self._label()}.{what}")
+        mediator = _local.__dict__.get("mediator") or current_mediator(f"{self._label()}.{what}")
         if mediator.tracer.model is not self._model:
             raise UsageError(
                 f"{self._label()}.{what} belongs to another Model than the one this invoke "

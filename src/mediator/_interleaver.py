@@ -49,9 +49,11 @@ States of a mediator: STARTING (submitted, not yet blocked) -> BLOCKED (waiting 
 Order of a trace (`run`)
     1. Start the mediators one by one in definition order; each runs until it blocks or ends.
     2. Run the forward. At each boundary whose site someone watches (`watch[site] > 0`), serve
-       the mediators in definition order: apply their ops for this boundary, then resume each
-       one whose VALUE request is for it. After every resume, settle barriers and name waits.
-       A boundary nobody watches costs two list reads and no queue traffic.
+       the mediators due there (`due[key]`) in definition order: apply their ops for this
+       boundary, then resume each one whose VALUE request is for it. After every resume,
+       settle barriers and name waits. A boundary nobody watches costs two list reads and no
+       queue traffic; one somebody watches costs what its own events cost, however many
+       invokes wait elsewhere.
     3. After the forward: answer RESULT requests and end open loops (STEP -> `_LoopEnd`), in
        definition order; every other open request can no longer be served: resume each blocked
        mediator with MissedProviderError (or NameError, or an unfinished-barrier error) until
@@ -232,6 +234,7 @@ class Interleaver:
         self.stopping = False
         self.result: Any = _MISSING
         self.caches: list[Cache] = []
+        self.due: dict[Key, list[Mediator]] = {}  # who has a request or op at each boundary
 
     # -- the model thread's side -------------------------------------------------------------
 
@@ -347,16 +350,21 @@ class Interleaver:
 
     # -- serving boundaries ------------------------------------------------------------------
 
+    def expect(self, key: Key, mediator: Mediator) -> None:
+        """`mediator` has a request or an op for boundary `key`: watch it."""
+        self.watch[key[0]] += 1
+        self.due.setdefault(key, []).append(mediator)
+
     def _serve(self, key: Key, value: Any) -> Boundary:
         boundary = Boundary(self, key, value)
         self.current = boundary
-        site = key[0]
-        for mediator in self.mediators:
+        due = self.due.pop(key, ())
+        for mediator in sorted(set(due), key=_definition_order) if len(due) > 1 else due:
             if mediator.ops:
                 self._apply_ops(mediator, boundary)
             waiting = mediator.waiting
             if waiting is not None and waiting.kind == VALUE and waiting.target == key:
-                self.watch[site] -= 1
+                self.watch[key[0]] -= 1
                 mediator.waiting = None
                 self._resume(mediator, boundary.view(mediator))
                 self._settle()
@@ -371,6 +379,7 @@ class Interleaver:
         self.result = _MISSING
         self.caches = []
         self.barriers = []
+        self.due = {}
         for mediator in self.mediators:
             mediator.ops = []
             mediator.waiting = None
@@ -581,6 +590,10 @@ class Interleaver:
 
 def _constant(value: Any) -> Callable[[Any], Any]:
     return lambda old: value
+
+
+def _definition_order(mediator: Mediator) -> int:
+    return mediator.index
 
 
 def _waits_for(mediator: Mediator, *kinds: str) -> bool:

@@ -41,13 +41,11 @@ _local = threading.local()
 _HERE = os.path.dirname(__file__)
 
 
-def current_mediator(what: str | Callable[[], str]) -> Mediator:
+def current_mediator(what: str) -> Mediator:
     """The mediator whose body runs on this thread; UsageError outside any invoke body.
-    `what` (or what it returns) names the thing used, for the error message."""
+    `what` names the thing used, for the error message."""
     mediator: Mediator | None = getattr(_local, "mediator", None)
     if mediator is None:
-        if callable(what):
-            what = what()
         raise UsageError(
             f"{what} can only be used inside an invoke body (the code under "
             "`with model.trace(x):` or `with tr.invoke(x):`, or a function passed to "
@@ -163,7 +161,7 @@ class Mediator:
         if current is not None and current.key == key:
             return current.view(self)
         self._check_order(interleaver, key)
-        interleaver.watch[key[0]] += 1
+        interleaver.expect(key, self)
         return self._block(Request(VALUE, key))
 
     def swap(self, key: Key, apply: Callable[[Any], Any], where: str) -> None:
@@ -174,7 +172,7 @@ class Mediator:
             current.swap(self, apply, where)
             return
         self._check_order(interleaver, key)
-        interleaver.watch[key[0]] += 1
+        interleaver.expect(key, self)
         self.ops.append(Op(key, apply, None, where))
 
     def skip(self, key: Key, value: Any, where: str) -> None:
@@ -185,7 +183,7 @@ class Mediator:
             current.skips[self] = value
             return
         self._check_order(interleaver, key)
-        interleaver.watch[key[0]] += 1
+        interleaver.expect(key, self)
         self.ops.append(Op(key, None, value, where))
 
     def wait_at_barrier(self, barrier: Barrier) -> None:
