@@ -3,9 +3,9 @@
 Every read hands the baton from the model thread to a mediator thread and back. When the two
 threads sit on different cores, each handoff has to wake the other core (about 45-60 us for a
 round trip on a small machine); on one core the switch costs about 12 us. So, on Linux, a trace
-pins the model thread and its mediator threads to the CPU the model thread is on, and gives the
-model thread its own CPU mask back when the trace ends. Nothing stays pinned but our own idle
-workers.
+pins the model thread to the CPU it is on (no migration) and its mediator workers to the same
+CPU while they still sleep (they wake up there), and gives the model thread its own CPU mask
+back when the trace ends. Nothing stays pinned but our own idle workers.
 
 A thread inherits the mask of the thread that creates it. Before a thread is first pinned, torch's
 intra-op thread pool for that thread is started (when torch uses more than one thread), so the
@@ -41,23 +41,25 @@ def trace_cpu() -> tuple[int, set[int]] | None:
     cpu = _getcpu()
     if cpu not in allowed:
         cpu = min(allowed)
-    pin_current_thread(cpu)
+    start_torch_threads()
+    os.sched_setaffinity(0, {cpu})
     return cpu, allowed
 
 
-def pin_current_thread(cpu: int) -> None:
-    """Pin the calling thread to `cpu`, starting its torch thread pool first if it has none."""
-    if getattr(_local, "cpu", None) == cpu:
-        return
+def start_torch_threads() -> None:
+    """Start the calling thread's torch intra-op pool (once), so it never inherits a pin."""
     if not getattr(_local, "warm", False):
         _local.warm = True
         if torch.get_num_threads() > 1:
-            torch.ones(1 << 17).sum()  # starts this thread's intra-op pool, unpinned
-    os.sched_setaffinity(0, {cpu})
-    _local.cpu = cpu
+            torch.ones(1 << 17).sum()
+
+
+def pin_thread(thread: threading.Thread, cpu: int) -> None:
+    """Pin another thread, one that sleeps, to `cpu`: it wakes up there, with no migration."""
+    if thread.native_id is not None and hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(thread.native_id, {cpu})
 
 
 def restore_current_thread(mask: set[int]) -> None:
     """Give the calling thread `mask` back."""
     os.sched_setaffinity(0, mask)
-    _local.cpu = None

@@ -19,7 +19,6 @@ import types
 from collections.abc import Callable
 from typing import Any
 
-from ._affinity import pin_current_thread
 from ._errors import MissedProviderError, OutOfOrderError, UsageError, _Cancelled, _LoopEnd
 from ._interleaver import (
     BARRIER,
@@ -102,7 +101,8 @@ class Mediator:
         self.bound = True
 
     def launch(self) -> None:
-        POOL.submit(self._run)
+        assert self.interleaver is not None
+        POOL.submit(self._run, self.interleaver.cpu)
 
     def interrupt(self) -> None:
         """Raise `_Cancelled` in the body if it is busy in its own code (after Ctrl-C)."""
@@ -118,8 +118,6 @@ class Mediator:
         _local.mediator = self
         interleaver = self.interleaver
         assert interleaver is not None
-        if interleaver.cpu is not None:
-            pin_current_thread(interleaver.cpu)
         try:
             with contextlib.ExitStack() as stack:
                 self.state.enter(stack)

@@ -15,17 +15,23 @@ import queue
 import threading
 from collections.abc import Callable
 
+from ._affinity import pin_thread, start_torch_threads
+
 Job = Callable[[], None]
 
 
 class _Worker:
-    __slots__ = ("jobs", "thread")
+    __slots__ = ("jobs", "thread", "cpu", "ready")
 
     def __init__(self, name: str) -> None:
         self.jobs: queue.SimpleQueue[Job] = queue.SimpleQueue()
         self.thread = threading.Thread(target=self._loop, name=name, daemon=True)
+        self.cpu: int | None = None  # the CPU it is pinned to
+        self.ready = threading.Event()
 
     def _loop(self) -> None:
+        start_torch_threads()  # before anyone pins this thread (see _affinity.py)
+        self.ready.set()
         while True:
             job = self.jobs.get()
             job()
@@ -41,11 +47,13 @@ class WorkerPool:
         self._count = itertools.count()
         self.size = 0
 
-    def submit(self, job: Callable[[Callable[[], None]], None]) -> None:
-        """Run `job(done)` on an idle worker; `job` must call `done()` as its last act.
+    def submit(self, job: Callable[[Callable[[], None]], None], cpu: int | None = None) -> None:
+        """Run `job(done)` on an idle worker, pinned to `cpu` if given; `job` must call
+        `done()` as its last act.
 
         `done` puts the worker back in the pool, so a job that reports its end to someone after
-        calling `done` never makes that someone wait for a new thread on the next trace.
+        calling `done` never makes that someone wait for a new thread on the next trace. The
+        worker is pinned while it still sleeps, so it wakes up on `cpu` without a migration.
         """
         with self._lock:
             worker = self._idle.pop() if self._idle else None
@@ -53,6 +61,10 @@ class WorkerPool:
             worker = _Worker(f"mediator-worker-{next(self._count)}")
             self.size += 1
             worker.thread.start()
+            worker.ready.wait()
+        if cpu is not None and worker.cpu != cpu:
+            pin_thread(worker.thread, cpu)
+            worker.cpu = cpu
 
         def done(worker: _Worker = worker) -> None:
             with self._lock:
