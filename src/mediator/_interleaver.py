@@ -148,7 +148,7 @@ class Boundary:
         self.value = value
         self.views: dict[Mediator, Any] = {}
         self.dirty = False  # views must be merged back into `value`
-        self.skips: dict[Mediator, Any] = {}
+        self.skips: dict[Mediator, tuple[Any, str]] = {}  # value, and the user's line
 
     def view(self, mediator: Mediator) -> Any:
         """What `mediator` sees here: its rows of the value (the same object on every read)."""
@@ -328,11 +328,12 @@ class Interleaver:
     def cancel(self, deadline: float | None) -> bool:
         """Stop every mediator that has not ended, one by one; False if `deadline` (monotonic)
         passed first."""
+        busy = self.running  # holds the baton: busy in its own code (after a Ctrl-C)
         for mediator in self.mediators:
             if mediator.done or not mediator.bound:
                 continue
             mediator.cancelled = True
-            if self.running is mediator:  # busy in the body's own code (after a Ctrl-C)
+            if mediator is busy:
                 mediator.interrupt()
             self.running = mediator
             mediator.inbox.put(_Signal(_Cancelled()))
@@ -417,7 +418,7 @@ class Interleaver:
             self.watch[op.key[0]] -= 1
             try:
                 if op.apply is None:
-                    boundary.skips[mediator] = op.skip_value
+                    boundary.skips[mediator] = (op.skip_value, op.where)
                 else:
                     boundary.swap(mediator, op.apply, op.where)
             except MediatorError as error:
@@ -432,7 +433,7 @@ class Interleaver:
         """Run a call that some invokes skip: skipped rows get the invokes' own values."""
         skips = boundary.skips
         narrowed: list[tuple[slice, Any]] = []
-        for mediator, value in skips.items():
+        for mediator, (value, _) in skips.items():
             if mediator.rows is None:
                 return value
             narrowed.append((mediator.rows, value))
@@ -441,8 +442,8 @@ class Interleaver:
             return _concat_views(narrowed)
         output = original(*args, **kwargs)
         partial = Boundary(self, (boundary.key[0], OUTPUT, boundary.key[2]), output)
-        for mediator, value in skips.items():
-            partial.swap(mediator, _constant(value), "skip")
+        for mediator, (value, where) in skips.items():
+            partial.swap(mediator, _constant(value), f"{where} (skip)")
         return partial.merged()
 
     def _fail_body(self, mediator: Mediator, error: BaseException) -> None:

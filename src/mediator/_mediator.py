@@ -178,7 +178,7 @@ class Mediator:
         interleaver = self._live()
         current = interleaver.current
         if current is not None and current.key == key:
-            current.skips[self] = value
+            current.skips[self] = (value, where)
             return
         self._check_order(interleaver, key)
         interleaver.expect(key, self)

@@ -292,8 +292,11 @@ class Tracer:
             inputs = [invoke.inputs for invoke in self._invokes]
             (args, kwargs), rows, total = batcher.batch(inputs, generate)
             kwargs = self._with_options(kwargs)
-        except BaseException:
+        except BaseException as error:
             self._state = CLOSED
+            for invoke in self._invokes:
+                if invoke.future is not None:
+                    invoke.future._resolve(None, error)
             self._invokes = []
             raise
         state = TorchState.capture()
@@ -361,11 +364,10 @@ class Tracer:
                 names.update((n, bound[n]) for n in invoke.source.assigns if n in bound)
             if invoke.future is not None:
                 if mediator.done and mediator.error is None and not mediator.cancelled:
-                    invoke.future.set_result(mediator.result)
+                    invoke.future._resolve(mediator.result, None)
                 else:
-                    invoke.future.set_exception(
-                        mediator.error or failure or MediatorError("the trace was cancelled")
-                    )
+                    error = mediator.error or failure or MediatorError("the trace was cancelled")
+                    invoke.future._resolve(None, error)
             invoke.scope = {}
             invoke.function = invoke.future = None
         self._invokes = []
@@ -377,14 +379,20 @@ class _InvokeFuture(concurrent.futures.Future):  # type: ignore[type-arg]
 
     def __init__(self, tracer: Tracer) -> None:
         super().__init__()
-        self._tracer = tracer
+        self._tracer: Tracer | None = tracer
+
+    def _resolve(self, result: Any, error: BaseException | None) -> None:
+        self._tracer = None  # a kept future must not keep the trace (and its output) alive
+        if error is None:
+            self.set_result(result)
+        else:
+            self.set_exception(error)
 
     def result(self, timeout: float | None = None) -> Any:
-        if not self.done():
+        tracer = self._tracer
+        if not self.done() and tracer is not None:
             mediator = getattr(_local, "mediator", None)
-            if self._tracer._state == OPEN or (
-                mediator is not None and mediator.tracer is self._tracer
-            ):
+            if tracer._state == OPEN or (mediator is not None and mediator.tracer is tracer):
                 raise UsageError(
                     "this invoke's result is not there yet: it is set when the trace has run, "
                     "after its `with model.trace()` block. Call .result() after the block; to "
