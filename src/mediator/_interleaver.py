@@ -362,7 +362,10 @@ class Interleaver:
         due = self.due.pop(key, ())
         for mediator in sorted(set(due), key=_definition_order) if len(due) > 1 else due:
             if mediator.ops:
-                self._apply_ops(mediator, boundary)
+                error = self._apply_ops(mediator, boundary)
+                if error is not None:
+                    self._fail_body(mediator, error)
+                    continue
             waiting = mediator.waiting
             if waiting is not None and waiting.kind == VALUE and waiting.target == key:
                 self.watch[key[0]] -= 1
@@ -409,9 +412,12 @@ class Interleaver:
                 value if rows is None else self.batcher.narrow(value, rows, self.total),
             )
 
-    def _apply_ops(self, mediator: Mediator, boundary: Boundary) -> None:
+    def _apply_ops(self, mediator: Mediator, boundary: Boundary) -> MediatorError | None:
+        """Apply `mediator`'s swaps and skips for `boundary`, in the order it made them; return
+        the error of the first that does not fit (its later ops stay queued)."""
+        ops = mediator.ops
         remaining = []
-        for op in mediator.ops:
+        for position, op in enumerate(ops):
             if op.key != boundary.key:
                 remaining.append(op)
                 continue
@@ -422,10 +428,10 @@ class Interleaver:
                 else:
                     boundary.swap(mediator, op.apply, op.where)
             except MediatorError as error:
-                mediator.ops = remaining + mediator.ops[len(remaining) + 1 :]
-                self._fail_body(mediator, error)
-                return
+                mediator.ops = remaining + ops[position + 1 :]
+                return error
         mediator.ops = remaining
+        return None
 
     def _skip(
         self, boundary: Boundary, original: Callable[..., Any], args: Any, kwargs: Any
@@ -549,7 +555,14 @@ class Interleaver:
     # -- the baton --------------------------------------------------------------------------
 
     def _resume(self, mediator: Mediator, reply: Any) -> None:
-        """Hand the baton to a blocked mediator and wait until it blocks again or ends."""
+        """Hand the baton to a blocked mediator and wait until it blocks again or ends. Its own
+        swaps and skips for the boundary the model stands at come first: a body released here
+        early (by a barrier or a name) sees what it set."""
+        current = self.current
+        if current is not None and mediator.ops:
+            error = self._apply_ops(mediator, current)
+            if error is not None:
+                reply = _Signal(error)
         self.running = mediator
         mediator.inbox.put(reply)
         self._wait_for_baton()
