@@ -630,13 +630,6 @@ class Sim:
             key = request[1]
             here = self.current
             if here is not None and here.key == key:
-                if any(op[1] == key for op in m.ops):  # released here by a barrier
-                    self.own_edit_first = True
-                    # SPEC 2: "Reading a value again after setting it, at the same point, gives
-                    # the value that was set": this body's own pending edits of this point come
-                    # first (BUG_OWN_EDIT: the library once applied them only at the body's turn).
-                    if not self.apply_ops(m, here, in_body=True):
-                        return
                 if kind == "VALUE":
                     reply = here.view(m)
                 elif kind == "SWAP":
@@ -661,7 +654,17 @@ class Sim:
 
     def resume(self, m: SimMed, reply: Any) -> None:
         m.waiting = None
-        self.advance(m, reply)
+        here = self.current
+        if here is not None and any(op[1] == here.key for op in m.ops):  # released here early
+            # SPEC 2: "Reading a value again after setting it, at the same point, gives the
+            # value that was set": a body resumed at a boundary it set gets its own pending
+            # edits there first; one of the wrong shape raises at the request it was blocked on
+            # (BUG_OWN_EDIT: the library once applied them only at the body's turn).
+            self.own_edit_first = True
+            if self.apply_ops(m, here, in_body=True):
+                self.advance(m, reply)
+        else:
+            self.advance(m, reply)
         if m.error is not None and self.failure is None:
             self.failure = (m.error, m.index, True)
             raise SimAbort
