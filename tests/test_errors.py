@@ -378,6 +378,19 @@ def test_swap_of_the_wrong_dtype(net, model, x):
     _assert_clean(net)
 
 
+def test_swap_on_the_wrong_device(net, model, x):
+    """A value on another device is refused with both devices named (the meta device stands in
+    for a GPU, so this runs without one)."""
+    with pytest.raises(ShapeError) as info:
+        with model.trace(x):
+            model.layers[2].output = torch.zeros(3, 8, device="meta")
+            out = model.output
+    message = str(info.value)
+    assert "layers.2.output (call 0)" in message
+    assert "meta" in message and "cpu" in message
+    _assert_clean(net)
+
+
 def test_swap_of_the_wrong_shape_at_the_current_boundary_raises_at_the_swap(net, model, x):
     """A swap at the boundary the model stands at is checked at once, in the body."""
     with model.trace(x):
