@@ -19,7 +19,7 @@ steer = 4.0 * torch.randn(net.config.width)
 
 with model.generate(max_new_tokens=8) as tr:
     with tr.invoke(prompt_a):  # steered
-        for step in tr.iter[:]:  # step 0: the prompt; step k: the k-th new token
+        for _ in tr.iter[:]:  # step 0: the prompt; step k: the k-th new token
             model.layers[0].output[:, -1] += steer
         steered = tr.result
     with tr.invoke(prompt_b):  # left alone, in the same batch
