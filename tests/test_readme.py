@@ -1,0 +1,59 @@
+"""Every Python block of README.md runs as written, on small models built here."""
+
+from __future__ import annotations
+
+import re
+import runpy
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from conftest import MLP
+
+import mediator
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+BLOCKS = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+
+
+def _namespace(block: str) -> dict[str, Any]:
+    torch.manual_seed(0)
+    if "generate(" in block:
+        net = mediator.models.TinyLM().eval()
+        return {
+            "model": mediator.Model(net),
+            "input_ids": torch.tensor([[3, 1, 4, 1, 5]]),
+            "steer": torch.randn(net.config.width),
+            "torch": torch,
+        }
+    net = MLP()
+    x = torch.randn(2, 8)
+    return {
+        "net": net,
+        "model": mediator.Model(net),
+        "x": x,
+        "x1": x[:1],
+        "x2": x[1:],
+        "clean": x[:1],
+        "corrupt": x[1:],
+        "torch": torch,
+    }
+
+
+def test_the_readme_has_python_blocks() -> None:
+    assert len(BLOCKS) >= 5
+
+
+@pytest.mark.parametrize("index", range(len(BLOCKS)))
+def test_readme_block_runs(index: int, tmp_path: Path) -> None:
+    block = BLOCKS[index]
+    script = tmp_path / f"readme_block_{index}.py"  # a file: with-bodies are read from source
+    script.write_text(block)
+    result = runpy.run_path(str(script), init_globals=_namespace(block))
+    if "tokens = tr.result" in block:
+        assert result["tokens"].shape == (1, 10)
+        assert result["stacked"].shape[0] == 1
+    if "cache = tr.cache" in block:
+        assert result["h"].grad is not None
+        assert len(result["cache"]["layers.0"]) == 1
