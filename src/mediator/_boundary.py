@@ -1,0 +1,85 @@
+"""The boundary the model thread stands at: its value, and each invoke's view of it.
+
+A Boundary lives while the model thread serves one module input or output. Each invoke sees its
+own rows (`view`, the same object on every read); a swap replaces that view after a shape check;
+`merged` writes every invoke's view back into the full value, without in-place writes, so that
+autograd sees each view on the path from input to loss.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from ._tree import flatten
+
+if TYPE_CHECKING:
+    from ._interleaver import Interleaver, Key
+    from ._mediator import Mediator
+
+_MISSING = object()
+
+
+class Boundary:
+    """The value at the boundary the model thread stands at, and each invoke's view of it."""
+
+    __slots__ = ("interleaver", "key", "value", "views", "dirty", "skips")
+
+    def __init__(self, interleaver: Interleaver, key: Key, value: Any) -> None:
+        self.interleaver = interleaver
+        self.key = key
+        self.value = value
+        self.views: dict[Mediator, Any] = {}
+        self.dirty = False  # views must be merged back into `value`
+        self.skips: dict[Mediator, tuple[Any, str]] = {}  # value, and the user's line
+
+    def view(self, mediator: Mediator) -> Any:
+        """What `mediator` sees here: its rows of the value (the same object on every read)."""
+        view = self.views.get(mediator, _MISSING)
+        if view is not _MISSING:
+            return view
+        il = self.interleaver
+        if mediator.rows is None:
+            view = self.value = self.merged()
+        else:
+            view = il.batcher.narrow(self.value, mediator.rows, il.total)
+            if torch.is_grad_enabled() and _requires_grad(view):
+                self.dirty = True  # so the rest of the forward computes from this very view
+        self.views[mediator] = view
+        return view
+
+    def swap(self, mediator: Mediator, apply: Callable[[Any], Any], where: str) -> None:
+        """Replace `mediator`'s view by `apply(view)`; raises ShapeError if it does not fit."""
+        old = self.view(mediator)
+        new = apply(old)
+        self.interleaver.batcher.check_replacement(old, new, f"{self.describe()} at {where}")
+        if mediator.rows is None:
+            self.value = new
+            self.views = {mediator: new}
+            self.dirty = False
+        else:
+            self.views[mediator] = new
+            self.dirty = True
+
+    def merged(self) -> Any:
+        """The full value with every invoke's edits written back."""
+        if self.dirty:
+            il = self.interleaver
+            views = sorted(
+                ((m.rows, v) for m, v in self.views.items() if m.rows is not None),
+                key=lambda item: item[0].start,
+            )
+            self.value = il.batcher.merge(self.value, views, il.total)
+            self.dirty = False
+        return self.value
+
+    def describe(self) -> str:
+        return self.interleaver.describe(self.key)
+
+
+def _requires_grad(value: Any) -> bool:
+    if isinstance(value, torch.Tensor):
+        return value.requires_grad
+    return any(isinstance(leaf, torch.Tensor) and leaf.requires_grad for leaf in flatten(value)[0])
