@@ -56,6 +56,14 @@ def busy_workers() -> list[threading.Thread]:
     ]
 
 
+def assert_untouched(*modules: nn.Module, hooks: int = 0) -> None:
+    """No mediator worker busy, no tap left on `modules`, and `hooks` PyTorch hooks in all."""
+    assert busy_workers() == [], "a mediator thread is still running trace code"
+    for module in modules:
+        assert patched_forwards(module) == [], "a tap was left on the model"
+    assert sum(hook_count(module) for module in modules) == hooks
+
+
 @pytest.fixture
 def net() -> Iterator[MLP]:
     """A 4-layer MLP; after the test it must carry no tap."""

@@ -32,7 +32,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import MLP, busy_workers, hook_count, patched_forwards
+from conftest import MLP, assert_untouched, busy_workers, hook_count, patched_forwards
 from torch import nn
 
 import mediator
@@ -340,13 +340,6 @@ def _check_nested(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -
         assert torch.equal(got[key].detach(), want[key]), key
 
 
-def _assert_clean(*nets: nn.Module) -> None:
-    assert busy_workers() == []
-    for net in nets:
-        assert patched_forwards(net) == []
-        assert hook_count(net) == 0
-
-
 def test_nested_trace_with_bodies(two_nets, x):
     outer, inner = two_nets
     want = nested_oracle(outer, inner, x)
@@ -360,7 +353,7 @@ def test_nested_trace_with_bodies(two_nets, x):
         a.layers[1].output = a.layers[1].output + inner_out
         out = a.output
     _check_nested({"h": h, "g": g, "inner": inner_out, "out": out}, want)
-    _assert_clean(outer, inner)
+    assert_untouched(outer, inner)
 
 
 def test_nested_trace_with_functions(two_nets, x):
@@ -384,7 +377,7 @@ def test_nested_trace_with_functions(two_nets, x):
     with a.trace() as tr:
         result = tr.invoke(x).run(outer_body)
     _check_nested(result.result(), want)
-    _assert_clean(outer, inner)
+    assert_untouched(outer, inner)
 
 
 def test_nested_traces_from_two_invokes_of_one_trace(two_nets, x):
@@ -416,7 +409,7 @@ def test_nested_traces_from_two_invokes_of_one_trace(two_nets, x):
     assert torch.allclose(inner2, want["inner"][3:], atol=1e-6)
     assert torch.allclose(out1.detach(), want["out"][:3], atol=1e-6)
     assert torch.allclose(out2.detach(), want["out"][3:], atol=1e-6)
-    _assert_clean(outer, inner)
+    assert_untouched(outer, inner)
 
     class InnerFailure(Exception):
         pass
@@ -429,7 +422,7 @@ def test_nested_traces_from_two_invokes_of_one_trace(two_nets, x):
                 b.layers[0].output
                 raise failure
     assert info.value is failure
-    _assert_clean(outer, inner)
+    assert_untouched(outer, inner)
 
 
 # -- importing mediator changes nothing global ----------------------------------------------

@@ -12,7 +12,7 @@ import traceback
 
 import pytest
 import torch
-from conftest import busy_workers, hook_count, patched_forwards
+from conftest import assert_untouched, hook_count, patched_forwards
 from torch import nn
 
 import mediator
@@ -70,12 +70,6 @@ def _last_frame(error: BaseException) -> traceback.FrameSummary:
     return traceback.extract_tb(error.__traceback__)[-1]
 
 
-def _assert_clean(*modules: nn.Module) -> None:
-    assert busy_workers() == []
-    for module in modules:
-        assert patched_forwards(module) == []
-
-
 # -- OutOfOrderError -----------------------------------------------------------------------------
 
 
@@ -116,7 +110,7 @@ def test_out_of_order_uncaught_reaches_the_with_with_the_users_line(net, model, 
     assert "out-of-order-marker" in frame.line
     assert "layers.0.output (call 0)" in str(info.value)
     assert isinstance(info.value, MediatorError)
-    _assert_clean(net)
+    assert_untouched(net)
 
 
 def test_out_of_order_input_of_a_passed_layer(net, model, x):
@@ -144,7 +138,7 @@ def test_out_of_order_input_of_the_current_layers_input(net, model, x):
         with model.trace(x):
             model.layers[2].output
             model.layers[2].input
-    _assert_clean(net)
+    assert_untouched(net)
 
 
 def test_out_of_order_swap_of_a_passed_layer(net, model, x):
@@ -152,7 +146,7 @@ def test_out_of_order_swap_of_a_passed_layer(net, model, x):
         with model.trace(x):
             h = model.layers[1].output
             model.layers[0].output = torch.zeros(3, 8)
-    _assert_clean(net)
+    assert_untouched(net)
 
 
 # -- MissedProviderError ------------------------------------------------------------------------
@@ -168,7 +162,7 @@ def test_missed_provider_names_the_module_never_called(branchy, x):
     assert "call 0" in message
     assert "not called" in message
     assert isinstance(info.value, MediatorError)
-    _assert_clean(branchy)
+    assert_untouched(branchy)
 
 
 def test_missed_provider_for_a_submodule_that_never_runs(branchy, x):
@@ -180,7 +174,7 @@ def test_missed_provider_for_a_submodule_that_never_runs(branchy, x):
             u = model.unused.output
     assert "unused was not called" in str(info.value)
     assert enc.shape == (3, 8)  # bound before the error, written back
-    _assert_clean(branchy)
+    assert_untouched(branchy)
 
 
 def test_missed_provider_when_the_branch_runs_is_not_raised(branchy, x):
@@ -201,7 +195,7 @@ def test_missed_provider_for_a_swap_names_the_line_of_the_swap(branchy, x):
     assert "unused.output (call 0)" in message
     assert f"{HERE}:{line}" in message
     assert "never used" in message
-    _assert_clean(branchy)
+    assert_untouched(branchy)
 
 
 def test_missed_provider_for_a_swap_while_the_body_reads_on(branchy, x):
@@ -213,7 +207,7 @@ def test_missed_provider_for_a_swap_while_the_body_reads_on(branchy, x):
             out = model.output
     assert f"{HERE}:{line}" in str(info.value)
     assert "unused.output" in str(info.value)
-    _assert_clean(branchy)
+    assert_untouched(branchy)
 
 
 # -- UsageError ---------------------------------------------------------------------------------
@@ -255,7 +249,7 @@ def test_invoke_nested_inside_an_invoke_body(net, model, x):
     message = str(info.value)
     assert "cannot be nested" in message
     assert "with model.trace() as tr" in message  # what to do instead
-    _assert_clean(net)
+    assert_untouched(net)
 
 
 def test_run_nested_inside_an_invoke_body(net, model, x):
@@ -264,7 +258,7 @@ def test_run_nested_inside_an_invoke_body(net, model, x):
             with tr.invoke(x):
                 h = model.layers[0].output
                 tr.invoke(x).run(lambda: None)
-    _assert_clean(net)
+    assert_untouched(net)
 
 
 def test_invoke_inside_a_trace_with_inputs(net, model, x):
@@ -276,7 +270,7 @@ def test_invoke_inside_a_trace_with_inputs(net, model, x):
     assert "with model.trace(x)" in message
     assert "single invoke" in message
     assert "tr.invoke(x) per input" in message  # what to do instead
-    _assert_clean(net)
+    assert_untouched(net)
 
 
 def test_no_inputs_anywhere(net, model):
@@ -287,7 +281,7 @@ def test_no_inputs_anywhere(net, model):
     message = str(info.value)
     assert "no invoke of this trace has inputs" in message
     assert "model.trace(x)" in message and "tr.invoke(x)" in message
-    _assert_clean(net)
+    assert_untouched(net)
 
 
 def test_run_with_a_non_callable(net, model, x):
@@ -297,7 +291,7 @@ def test_run_with_a_non_callable(net, model, x):
     message = str(info.value)
     assert "callable" in message and "int" in message
     assert ".run(fn, arg)" in message  # what to do instead
-    _assert_clean(net)
+    assert_untouched(net)
 
 
 def test_module_container_has_no_output(net, model, x):
@@ -307,7 +301,7 @@ def test_module_container_has_no_output(net, model, x):
     message = str(info.value)
     assert "model.layers" in message and "ModuleList" in message
     assert "model.layers[0].output" in message  # what to do instead
-    _assert_clean(net)
+    assert_untouched(net)
 
 
 def test_source_unavailable_names_the_function_form(net, model, x):
@@ -317,7 +311,7 @@ def test_source_unavailable_names_the_function_form(net, model, x):
         exec(code, namespace)
     assert isinstance(info.value, UsageError)
     assert ".run(fn)" in str(info.value)
-    _assert_clean(net)
+    assert_untouched(net)
 
 
 # -- AttributeError -----------------------------------------------------------------------------
@@ -344,7 +338,7 @@ def test_unknown_child_inside_a_body_reaches_the_with(net, model, x):
     with pytest.raises(AttributeError, match="'layers'"):
         with model.trace(x):
             h = model.layer[0].output
-    _assert_clean(net)
+    assert_untouched(net)
 
 
 # -- ShapeError ---------------------------------------------------------------------------------
@@ -362,7 +356,7 @@ def test_swap_of_the_wrong_shape(net, model, x):
     assert "[3, 8]" in message  # expected
     assert "[3, 5]" in message  # got
     assert f"{HERE}:{line}" in message
-    _assert_clean(net)
+    assert_untouched(net)
     assert torch.equal(net(x), net(x))
 
 
@@ -375,7 +369,7 @@ def test_swap_of_the_wrong_dtype(net, model, x):
     assert "layers.2.output (call 0)" in message
     assert "float64" in message and "float32" in message
     assert "[3, 8]" in message
-    _assert_clean(net)
+    assert_untouched(net)
 
 
 def test_swap_on_the_wrong_device(net, model, x):
@@ -388,7 +382,7 @@ def test_swap_on_the_wrong_device(net, model, x):
     message = str(info.value)
     assert "layers.2.output (call 0)" in message
     assert "meta" in message and "cpu" in message
-    _assert_clean(net)
+    assert_untouched(net)
 
 
 def test_swap_of_the_wrong_shape_at_the_current_boundary_raises_at_the_swap(net, model, x):
@@ -415,7 +409,7 @@ def test_swap_of_the_wrong_shape_in_one_invoke_of_two(net, model, x):
                 b = model.output
     assert "layers.1.output (call 0)" in str(info.value)
     assert "expected tensor[2, 8]" in str(info.value)
-    _assert_clean(net)
+    assert_untouched(net)
 
 
 def test_inputs_that_cannot_be_batched(net, model, x):
@@ -429,7 +423,7 @@ def test_inputs_that_cannot_be_batched(net, model, x):
     assert "input 0" in message
     assert "[3, 8]" in message and "[2, 7]" in message
     assert "invoke 1" in message
-    _assert_clean(net)
+    assert_untouched(net)
 
 
 def test_keyword_inputs_that_cannot_be_batched_name_the_keyword(net, model, x):
@@ -441,7 +435,7 @@ def test_keyword_inputs_that_cannot_be_batched_name_the_keyword(net, model, x):
                 b = model.output
     assert "input 'x'" in str(info.value)
     assert "[3, 8]" in str(info.value) and "[2, 4]" in str(info.value)
-    _assert_clean(net)
+    assert_untouched(net)
 
 
 def test_inputs_of_different_signatures_cannot_be_batched(net, model, x):
@@ -451,7 +445,7 @@ def test_inputs_of_different_signatures_cannot_be_batched(net, model, x):
                 a = model.output
             with tr.invoke(x=x):
                 b = model.output
-    _assert_clean(net)
+    assert_untouched(net)
 
 
 # -- exceptions in a body or in the model -------------------------------------------------------
@@ -466,7 +460,7 @@ def test_user_exception_keeps_its_type_and_the_users_line(net, model, x):
     assert frame.filename == HERE
     assert "user-raise-marker" in frame.line
     assert not isinstance(info.value, MediatorError)
-    _assert_clean(net)
+    assert_untouched(net)
 
 
 def _helper_that_fails(value: torch.Tensor) -> None:
@@ -482,7 +476,7 @@ def test_user_exception_in_a_helper_keeps_both_user_frames(net, model, x):
     assert frames[-1].filename == HERE and "helper-raise-marker" in frames[-1].line
     assert frames[-2].filename == HERE and "helper-call-marker" in frames[-2].line
     assert all("mediator" + os.sep + "_" not in f.filename for f in frames[-2:])
-    _assert_clean(net)
+    assert_untouched(net)
 
 
 def test_user_exception_is_caught_by_its_own_type(model, x):
@@ -507,7 +501,7 @@ def test_user_exception_from_a_function_invoke(net, model, x):
     frame = _last_frame(info.value)
     assert frame.filename == HERE and "fn-raise-marker" in frame.line
     assert isinstance(future.exception(timeout=0), ArithmeticError)
-    _assert_clean(net)
+    assert_untouched(net)
 
 
 def test_model_exception_keeps_its_type():
@@ -521,14 +515,14 @@ def test_model_exception_keeps_its_type():
     frame = _last_frame(info.value)
     assert frame.filename == HERE and "model-raise-marker" in frame.line
     assert h.shape == (2, 8)  # read before the failure, written back
-    _assert_clean(faulty)
+    assert_untouched(faulty)
 
 
 def test_model_exception_from_torch_keeps_its_type(net, model):
     with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
         with model.trace(torch.randn(3, 5)):
             out = model.output
-    _assert_clean(net)
+    assert_untouched(net)
 
 
 # -- one invoke fails while another waits -------------------------------------------------------
@@ -547,7 +541,7 @@ def test_error_in_invoke_2_while_invoke_1_waits(net, model, x):
                 raise KeyError("from invoke 2")  # invoke-2-marker
     assert "invoke-2-marker" in _last_frame(info.value).line
     assert reached == []  # invoke 1 was cancelled, not resumed
-    _assert_clean(net)
+    assert_untouched(net)
     assert hook_count(net) == hooks
     with model.trace(x):
         out = model.output
@@ -565,7 +559,7 @@ def test_error_in_invoke_1_while_invoke_2_waits(net, model, x):
                 h2 = model.layers[2].output
                 reached.append("invoke 2 after its read")
     assert reached == []
-    _assert_clean(net)
+    assert_untouched(net)
 
 
 def test_error_in_invoke_2_before_any_request(net, model, x):
@@ -575,4 +569,4 @@ def test_error_in_invoke_2_before_any_request(net, model, x):
                 late = model.layers[3].output
             with tr.invoke(x):
                 1 / 0
-    _assert_clean(net)
+    assert_untouched(net)

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import hook_count, patched_forwards
+from conftest import assert_untouched
 from torch import nn
 
 import mediator
@@ -62,11 +62,6 @@ def unpad(rows: torch.Tensor, length: int) -> torch.Tensor:
     return rows[:, longest_prompt_and_new - length - NEW :]
 
 
-def assert_clean(net: nn.Module) -> None:
-    assert patched_forwards(net) == []
-    assert hook_count(net) == 0
-
-
 # =============================================================================================
 # Part 1: TinyLM (no transformers)
 # =============================================================================================
@@ -77,7 +72,7 @@ def tiny():
     torch.manual_seed(11)
     net = TinyLM(TinyLMConfig()).eval()
     yield net
-    assert_clean(net)
+    assert_untouched(net)
 
 
 @pytest.fixture
@@ -357,7 +352,7 @@ def _llama() -> nn.Module:
 def hf(request):
     net = _gpt2() if request.param == "gpt2" else _llama()
     yield request.param, net
-    assert_clean(net)
+    assert_untouched(net)
 
 
 def first_block(model: Any, kind: str) -> Any:

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import hook_count, patched_forwards
+from conftest import assert_untouched
 from torch import nn
 
 import mediator
@@ -69,17 +69,12 @@ class Loop(nn.Module):
         return self.head(x)
 
 
-def assert_clean(net: nn.Module) -> None:
-    assert patched_forwards(net) == []
-    assert hook_count(net) == 0
-
-
 @pytest.fixture
 def snet():
     torch.manual_seed(31)
     net = Stack()
     yield net
-    assert_clean(net)
+    assert_untouched(net)
 
 
 @pytest.fixture
@@ -87,7 +82,7 @@ def lnet():
     torch.manual_seed(32)
     net = Loop()
     yield net
-    assert_clean(net)
+    assert_untouched(net)
 
 
 @pytest.fixture

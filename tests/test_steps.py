@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import hook_count, patched_forwards
+from conftest import assert_untouched
 from torch import nn
 
 import mediator
@@ -98,17 +98,12 @@ def per_call(
     return out, record
 
 
-def assert_clean(net: nn.Module) -> None:
-    assert patched_forwards(net) == []
-    assert hook_count(net) == 0
-
-
 @pytest.fixture
 def rnet():
     torch.manual_seed(3)
     net = Recurrent()
     yield net
-    assert_clean(net)
+    assert_untouched(net)
 
 
 @pytest.fixture
@@ -116,7 +111,7 @@ def tnet():
     torch.manual_seed(4)
     net = Tied()
     yield net
-    assert_clean(net)
+    assert_untouched(net)
 
 
 @pytest.fixture
