@@ -27,6 +27,20 @@ class MLP(nn.Module):
         return x
 
 
+class Meeting(nn.Module):
+    """Identity; while `barrier` (a threading.Barrier) is set, each forward waits here until all
+    parties arrived, so the forwards of several threads are inside their traces at once."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.barrier: threading.Barrier | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.barrier is not None:
+            self.barrier.wait()
+        return x
+
+
 def hook_count(module: nn.Module) -> int:
     """Every hook registered on `module` and its submodules, of every kind."""
     total = 0

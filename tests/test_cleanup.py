@@ -19,7 +19,7 @@ import weakref
 
 import pytest
 import torch
-from conftest import MLP, busy_workers, hook_count, patched_forwards
+from conftest import MLP, Meeting, busy_workers, hook_count, patched_forwards
 from torch import nn
 
 import mediator
@@ -345,19 +345,6 @@ def test_keeping_the_tracer_keeps_no_value_its_body_replaced(model, x):
 
 
 # -- two traces at once ------------------------------------------------------------------------
-
-
-class Meeting(nn.Module):
-    """Makes two forward passes meet: each waits here until the other has arrived too."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.barrier: threading.Barrier | None = None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.barrier is not None:
-            self.barrier.wait()
-        return x
 
 
 class MeetingNet(nn.Module):

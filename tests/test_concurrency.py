@@ -32,27 +32,13 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import MLP, assert_untouched, busy_workers, hook_count, patched_forwards
+from conftest import MLP, Meeting, assert_untouched, busy_workers, hook_count, patched_forwards
 from torch import nn
 
 import mediator
 
 REPEATS = 30
 THREADS = 4
-
-
-class Meeting(nn.Module):
-    """Identity; while `barrier` is set, each forward waits here until all parties arrived, so
-    the forwards of all threads are inside their traces at the same time."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.barrier: threading.Barrier | None = None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.barrier is not None:
-            self.barrier.wait()
-        return x
 
 
 class MeetingNet(nn.Module):
