@@ -8,10 +8,21 @@ Threads
 The baton
     At any moment exactly one of these threads runs trace code; every other one is blocked in a
     `get()` on its own inbox. Handing over is `their_inbox.put(...)` followed at once by
-    `my_inbox.get()`. The model thread hands the baton to a mediator (`_resume`) and gets it back
-    when that mediator blocks on its next request or ends. So no state below needs a lock: only
-    the baton holder reads or writes it, and a mediator holding the baton may read the current
-    boundary and the call counters directly.
+    `my_inbox.get()`. So no state below needs a lock: only the baton holder reads or writes it,
+    and a mediator holding the baton may read the current boundary and the call counters.
+
+The plan: handing the baton on directly
+    The model thread decides who runs at a point of the trace: at the start, every mediator in
+    definition order; at a boundary, the mediators due there in definition order. It writes that
+    list into `plan` and hands the baton to the first (`_run_plan`). A mediator that blocks or
+    ends (`pass_baton`) does the next step of the plan itself (`_advance`): it starts the next
+    mediator, or applies the next one's swaps and resumes it with its value, and only when the
+    plan is done does the baton go back to the model thread. N mediators at one point thus cost
+    N + 1 thread switches, not 2N. The chain goes back to the model thread early whenever that
+    thread has something to decide: the mediator failed, `tr.stop()` was called, barriers or
+    name waits exist (`_settle`), or the trace is being cancelled (`cancelling`, set under
+    `handoff_lock`, which a mediator holds while it hands on, so that no new mediator starts
+    once cancelling began).
 
 Events, mediator -> interleaver (each a field of the mediator that the interleaver reads once
 it has the baton back)
@@ -47,11 +58,12 @@ States of a mediator: STARTING (submitted, not yet blocked) -> BLOCKED (waiting 
 (holds the baton) -> DONE. Once cancelled, every further request raises `_Cancelled` at once.
 
 Order of a trace (`run`)
-    1. Start the mediators one by one in definition order; each runs until it blocks or ends.
+    1. Start the mediators one by one in definition order (the plan); each runs until it
+       blocks or ends.
     2. Run the forward. At each boundary whose site someone watches (`watch[site] > 0`), serve
-       the mediators due there (`due[key]`) in definition order: apply their ops for this
-       boundary, then resume each one whose VALUE request is for it. After every resume,
-       settle barriers and name waits. A boundary nobody watches costs two list reads and no
+       the mediators due there (`due[key]`) in definition order (the plan): apply their ops for
+       this boundary, then resume each one whose VALUE request is for it. When the baton comes
+       back, settle barriers and name waits. A boundary nobody watches costs two list reads and no
        queue traffic; one somebody watches costs what its own events cost, however many
        invokes wait elsewhere.
     3. After the forward: answer RESULT requests and end open loops (STEP -> `_LoopEnd`), in
@@ -73,6 +85,7 @@ mediator that holds the baton, which ends in a request, an END, or an exception 
 from __future__ import annotations
 
 import queue
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -173,17 +186,16 @@ class Interleaver:
         self.result: Any = _MISSING
         self.caches: list[Cache] = []
         self.due: dict[Key, list[Mediator]] = {}  # who has a request or op at each boundary
+        self.plan: list[Mediator] = []  # who runs next at this point, the next one last
+        self.cancelling = False
+        self.handoff_lock = threading.Lock()
 
     # -- the model thread's side -------------------------------------------------------------
 
     def start(self) -> None:
         """Start every mediator in definition order and let each run to its first request."""
-        for mediator in self.mediators:
-            mediator.bind(self)
-            self.running = mediator
-            mediator.launch()
-            self._wait_for_baton()
-            self._settle()
+        self.plan = self.mediators[::-1]
+        self._run_plan()
 
     def call(self, site: int, original: Callable[..., Any], args: Any, kwargs: Any) -> Any:
         """One call of a tapped module by the model thread (see `_tap.Tap`)."""
@@ -266,6 +278,9 @@ class Interleaver:
     def cancel(self, deadline: float | None) -> bool:
         """Stop every mediator that has not ended, one by one; False if `deadline` (monotonic)
         passed first."""
+        with self.handoff_lock:  # no mediator hands the baton on from now on
+            self.cancelling = True
+            self.plan = []
         busy = self.running  # holds the baton: busy in its own code (after a Ctrl-C)
         for mediator in self.mediators:
             if mediator.done or not mediator.bound:
@@ -297,19 +312,12 @@ class Interleaver:
     def _serve(self, key: Key, value: Any) -> Boundary:
         boundary = Boundary(self, key, value)
         self.current = boundary
-        due = self.due.pop(key, ())
-        for mediator in sorted(set(due), key=_definition_order) if len(due) > 1 else due:
-            if mediator.ops:
-                error = self._apply_ops(mediator, boundary)
-                if error is not None:
-                    self._fail_body(mediator, error)
-                    continue
-            waiting = mediator.waiting
-            if waiting is not None and waiting.kind == VALUE and waiting.target == key:
-                self.watch[key[0]] -= 1
-                mediator.waiting = None
-                self._resume(mediator, boundary.view(mediator))
-                self._settle()
+        due = self.due.pop(key, None)
+        if due is not None:
+            if len(due) > 1:
+                due = sorted(set(due), key=_definition_order, reverse=True)
+            self.plan = due
+            self._run_plan()
         self.current = None
         if self.caches:
             self._record(boundary)
@@ -389,15 +397,6 @@ class Interleaver:
         for mediator, (value, where) in skips.items():
             partial.swap(mediator, _constant(value), f"{where} (skip)")
         return partial.merged()
-
-    def _fail_body(self, mediator: Mediator, error: BaseException) -> None:
-        """Raise a late error (from a SWAP or SKIP) in the body, at the request it waits on."""
-        if mediator.waiting is None:  # the body already ended: the trace fails with it
-            self.failure = self.failure or error
-            raise _Abort
-        self._withdraw(mediator)
-        self._resume(mediator, _Signal(error))
-        self._settle()
 
     def _withdraw(self, mediator: Mediator) -> None:
         waiting = mediator.waiting
@@ -492,6 +491,66 @@ class Interleaver:
 
     # -- the baton --------------------------------------------------------------------------
 
+    def _run_plan(self) -> None:
+        """Carry out `plan` (model thread): hand the baton along it, and settle barriers and
+        name waits whenever it comes back, until the plan is done."""
+        while self.plan:
+            if not self._advance():
+                if self.failure is not None:
+                    raise _Abort
+                return
+            self._wait_for_baton()
+            self._settle()
+
+    def _advance(self) -> bool:
+        """Do the next steps of the plan, on whichever thread holds the baton, until one hands
+        the baton to a mediator (True) or the plan is done (False)."""
+        plan = self.plan
+        while plan:
+            mediator = plan.pop()
+            if not mediator.bound:
+                mediator.bind(self)
+                self.running = mediator
+                mediator.launch()
+                return True
+            boundary = self.current
+            assert boundary is not None
+            if mediator.ops:
+                error = self._apply_ops(mediator, boundary)
+                if error is not None:
+                    if mediator.waiting is None:  # the body already ended: the trace fails
+                        self.failure = self.failure or error
+                        plan.clear()
+                        return False
+                    self._withdraw(mediator)
+                    self.running = mediator
+                    mediator.inbox.put(_Signal(error))
+                    return True
+            waiting = mediator.waiting
+            if waiting is not None and waiting.kind == VALUE and waiting.target == boundary.key:
+                self.watch[boundary.key[0]] -= 1
+                mediator.waiting = None
+                self.running = mediator
+                mediator.inbox.put(boundary.view(mediator))
+                return True
+        return False
+
+    def pass_baton(self, mediator: Mediator) -> None:
+        """`mediator` blocked or ended (its thread): hand the baton to the next mediator of the
+        plan, or back to the model thread when the plan is done or needs that thread."""
+        if self.plan and mediator.error is None and not self._needs_model_thread():
+            with self.handoff_lock:
+                try:
+                    if not self.cancelling and self._advance():
+                        return
+                except BaseException as error:  # noqa: BLE001 - the model thread raises it
+                    self.failure = self.failure or error
+                    self.plan = []
+        self.inbox.put(mediator)
+
+    def _needs_model_thread(self) -> bool:
+        return self.stopping or bool(self.barriers) or self.name_waits > 0
+
     def _resume(self, mediator: Mediator, reply: Any) -> None:
         """Hand the baton to a blocked mediator and wait until it blocks again or ends. Its own
         swaps and skips for the boundary the model stands at come first: a body released here
@@ -506,14 +565,15 @@ class Interleaver:
         self._wait_for_baton()
 
     def _wait_for_baton(self) -> None:
-        mediator = self.running
-        assert mediator is not None
-        self.inbox.get()
+        mediator: Mediator = self.inbox.get()  # the last one to hold the baton
         self.running = None
         if mediator.error is not None and self.failure is None:
             self.failure = mediator.error
+        if self.failure is not None:
+            self.plan = []
             raise _Abort
         if self.stopping and not self.forward_done:
+            self.plan = []
             raise _Stop
 
     def _next_message(self, deadline: float | None) -> bool:

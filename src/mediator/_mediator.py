@@ -148,7 +148,7 @@ class Mediator:
         self.thread = None
         self.done = True
         done()
-        interleaver.inbox.put(self)
+        interleaver.pass_baton(self)
 
     # -- requests (worker thread, holding the baton) ------------------------------------------
 
@@ -285,7 +285,7 @@ class Mediator:
         interleaver = self.interleaver
         assert interleaver is not None
         self.waiting = request
-        interleaver.inbox.put(self)
+        interleaver.pass_baton(self)
         reply = self.inbox.get()
         if type(reply) is _Signal:
             if isinstance(reply.error, _Cancelled):
