@@ -9,6 +9,8 @@ from input to loss. Subclass it for models that need their own batching (padding
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import torch
@@ -59,12 +61,14 @@ class Batcher:
 
         `views` lists `(rows, view)` for the invokes that hold a view, in row order.
         """
+        if isinstance(full, torch.Tensor):
+            return _merge_rows(full, views) if _is_batch(full, total) else full
         full_leaves, rebuild = flatten(full)
         view_leaves = [(rows, flatten(view)[0]) for rows, view in views]
         merged = []
         for position, leaf in enumerate(full_leaves):
             if _is_batch(leaf, total):
-                merged.append(_merge_rows(leaf, position, view_leaves))
+                merged.append(_merge_rows(leaf, [(rows, ls[position]) for rows, ls in view_leaves]))
             else:
                 for _, leaves in view_leaves:
                     if leaves[position] is not full_leaves[position]:
@@ -97,7 +101,7 @@ class Batcher:
         args = entry[0]
         if args and isinstance(args[0], torch.Tensor) and args[0].dim() > 0:
             return int(args[0].shape[0])
-        for _name, leaf in _named_leaves(entry, list(entry[1])):
+        for leaf in _leaves(entry, list(entry[1])):
             if isinstance(leaf, torch.Tensor) and leaf.dim() > 0:
                 return int(leaf.shape[0])
         raise UsageError(
@@ -116,36 +120,40 @@ class Batcher:
                     "must pass the same positional and keyword inputs"
                 )
         keys = list(first_kwargs)
-        columns = list(zip(*(_named_leaves(entry, keys) for entry in entries), strict=False))
-        batched = [self._concatenate_column(column, indices) for column in columns]
+        columns = list(zip(*(_leaves(entry, keys) for entry in entries), strict=False))
+        batched = [
+            self._concatenate_column(column, indices, partial(_leaf_name, entries[0], keys, i))
+            for i, column in enumerate(columns)
+        ]
+        if not keys and all(type(arg) is torch.Tensor for arg in first_args):
+            return tuple(batched), {}
         _, rebuild = flatten((first_args, first_kwargs))
         args, kwargs = rebuild(batched)
         return tuple(args), dict(kwargs)
 
-    def _concatenate_column(self, column: tuple[tuple[str, Any], ...], indices: list[int]) -> Any:
-        name, first = column[0]
-        values = [leaf for _, leaf in column]
+    def _concatenate_column(
+        self, values: tuple[Any, ...], indices: list[int], name_of: Callable[[], str]
+    ) -> Any:
+        first = values[0]
         if not isinstance(first, torch.Tensor):
             for value, index in zip(values[1:], indices[1:], strict=False):
                 if isinstance(value, torch.Tensor) or value != first:
                     raise ShapeError(
-                        f"cannot batch {name}: invoke {indices[0]} passes {first!r} and invoke "
-                        f"{index} passes {value!r}; inputs that are not tensors must be equal"
+                        f"cannot batch {name_of()}: invoke {indices[0]} passes {first!r} and "
+                        f"invoke {index} passes {value!r}; inputs that are not tensors must be "
+                        "equal"
                     )
             return first
+        trailing = (first.shape[1:], first.dtype, first.device)
         for value, index in zip(values, indices, strict=False):
             if not isinstance(value, torch.Tensor) or value.dim() == 0:
                 raise ShapeError(
-                    f"cannot batch {name}: invoke {index} passes {describe(value)}; batched "
+                    f"cannot batch {name_of()}: invoke {index} passes {describe(value)}; batched "
                     "inputs must be tensors with a batch dimension first"
                 )
-            if (value.shape[1:], value.dtype, value.device) != (
-                first.shape[1:],
-                first.dtype,
-                first.device,
-            ):
+            if (value.shape[1:], value.dtype, value.device) != trailing:
                 raise ShapeError(
-                    f"cannot batch {name}: invoke {indices[0]} passes {describe(first)} and "
+                    f"cannot batch {name_of()}: invoke {indices[0]} passes {describe(first)} and "
                     f"invoke {index} passes {describe(value)}; all dimensions but the first, "
                     "the dtype and the device must agree (pad to one length, or trace them "
                     "separately)"
@@ -153,14 +161,26 @@ class Batcher:
         return torch.cat(values, dim=0)
 
 
-def _named_leaves(entry: Inputs, keys: list[str]) -> list[tuple[str, Any]]:
+def _leaves(entry: Inputs, keys: list[str]) -> list[Any]:
+    """The leaves of an invoke's inputs: positional arguments, then keywords in `keys` order."""
     args, kwargs = entry
-    named: list[tuple[str, Any]] = []
-    for position, arg in enumerate(args):
-        named.extend((f"input {position}", leaf) for leaf in flatten(arg)[0])
+    leaves: list[Any] = []
+    for arg in args:
+        if type(arg) is torch.Tensor:
+            leaves.append(arg)
+        else:
+            leaves.extend(flatten(arg)[0])
     for key in keys:
-        named.extend((f"input {key!r}", leaf) for leaf in flatten(kwargs[key])[0])
-    return named
+        leaves.extend(flatten(kwargs[key])[0])
+    return leaves
+
+
+def _leaf_name(entry: Inputs, keys: list[str], position: int) -> str:
+    """How an error names leaf number `position` of `_leaves(entry, keys)`."""
+    args, kwargs = entry
+    names = [f"input {i}" for i, arg in enumerate(args) for _ in flatten(arg)[0]]
+    names += [f"input {key!r}" for key in keys for _ in flatten(kwargs[key])[0]]
+    return names[position]
 
 
 def _signature(entry: Inputs) -> str:
@@ -178,13 +198,17 @@ def _narrow_leaf(leaf: Any, rows: slice, total: int) -> Any:
     return leaf
 
 
-def _merge_rows(leaf: torch.Tensor, position: int, views: list[tuple[slice, list[Any]]]) -> Any:
+def _merge_rows(leaf: torch.Tensor, views: list[tuple[slice, Any]]) -> Any:
+    """A new tensor: `leaf` with each `(rows, view)` written over its rows (out of place)."""
+    if len(views) == 1:
+        rows, view = views[0]
+        return torch.slice_scatter(leaf, view, 0, rows.start, rows.stop)
     parts = []
     covered = 0
-    for rows, leaves in views:
+    for rows, view in views:
         if rows.start > covered:
             parts.append(leaf[covered : rows.start])
-        parts.append(leaves[position])
+        parts.append(view)
         covered = rows.stop
     if covered < leaf.shape[0]:
         parts.append(leaf[covered:])
