@@ -60,7 +60,7 @@ States of a mediator: STARTING (submitted, not yet blocked) -> BLOCKED (waiting 
 Order of a trace (`run`)
     1. Start the mediators one by one in definition order (the plan); each runs until it
        blocks or ends.
-    2. Run the forward. At each boundary whose site someone watches (`watch[site] > 0`), serve
+    2. Run the forward. At each boundary someone watches (`watch[kind][site] > 0`), serve
        the mediators due there (`due[key]`) in definition order (the plan): apply their ops for
        this boundary, then resume each one whose VALUE request is for it. When the baton comes
        back, settle barriers and name waits. A boundary nobody watches costs two list reads and no
@@ -171,7 +171,8 @@ class Interleaver:
         sites = len(paths)
         self.started = [0] * sites  # calls of each site that began
         self.finished = [0] * sites  # calls of each site whose output boundary passed
-        self.watch = [0] * sites  # open requests and ops per site
+        # open requests, ops and caches per site, for its inputs and for its outputs
+        self.watch = ([0] * sites, [0] * sites)
         self.current: Boundary | None = None
         self.forward_done = False
         self.inbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
@@ -204,7 +205,8 @@ class Interleaver:
             self._wake_steps(call)  # before the call counts as started: its input is still ahead
         self.started[site] = call + 1
         skip = None
-        if self.watch[site]:
+        watch_inputs, watch_outputs = self.watch
+        if watch_inputs[site]:
             boundary = self._serve((site, INPUT, call), (args, kwargs))
             args, kwargs = boundary.merged()
             if boundary.skips:
@@ -213,7 +215,7 @@ class Interleaver:
             output = original(*args, **kwargs)
         else:
             output = self._skip(skip, original, args, kwargs)
-        if self.watch[site]:
+        if watch_outputs[site]:
             output = self._serve((site, OUTPUT, call), output).merged()
         self.finished[site] += 1
         return output
@@ -306,7 +308,7 @@ class Interleaver:
 
     def expect(self, key: Key, mediator: Mediator) -> None:
         """`mediator` has a request or an op for boundary `key`: watch it."""
-        self.watch[key[0]] += 1
+        self.watch[key[1]][key[0]] += 1
         self.due.setdefault(key, []).append(mediator)
 
     def _serve(self, key: Key, value: Any) -> Boundary:
@@ -340,7 +342,9 @@ class Interleaver:
     def open_cache(self, cache: Cache) -> None:
         """Start recording the modules of `cache` (they become watched boundaries)."""
         for site in cache.paths:
-            self.watch[site] += 1
+            self.watch[OUTPUT][site] += 1
+            if cache.record_inputs:
+                self.watch[INPUT][site] += 1
         self.caches.append(cache)
 
     def _record(self, boundary: Boundary) -> None:
@@ -367,7 +371,7 @@ class Interleaver:
             if op.key != boundary.key:
                 remaining.append(op)
                 continue
-            self.watch[op.key[0]] -= 1
+            self.watch[op.key[1]][op.key[0]] -= 1
             try:
                 if op.apply is None:
                     boundary.skips[mediator] = (op.skip_value, op.where)
@@ -401,7 +405,7 @@ class Interleaver:
     def _withdraw(self, mediator: Mediator) -> None:
         waiting = mediator.waiting
         if waiting is not None and waiting.kind == VALUE:
-            self.watch[waiting.target[0]] -= 1
+            self.watch[waiting.target[1]][waiting.target[0]] -= 1
         elif waiting is not None and waiting.kind == BARRIER:
             waiting.target.arrived.remove(mediator)
         elif waiting is not None and waiting.kind == NAME:
@@ -461,7 +465,7 @@ class Interleaver:
         self._withdraw(mediator)
         if mediator.ops:
             op = mediator.ops.pop(0)
-            self.watch[op.key[0]] -= 1
+            self.watch[op.key[1]][op.key[0]] -= 1
             what = "skip of" if op.apply is None else "value set for"
             return MissedProviderError(
                 f"the {what} {self.describe(op.key)} at {op.where} was never used: "
@@ -528,7 +532,7 @@ class Interleaver:
                     return True
             waiting = mediator.waiting
             if waiting is not None and waiting.kind == VALUE and waiting.target == boundary.key:
-                self.watch[boundary.key[0]] -= 1
+                self.watch[boundary.key[1]][boundary.key[0]] -= 1
                 mediator.waiting = None
                 self.running = mediator
                 mediator.inbox.put(boundary.view(mediator))
