@@ -144,6 +144,12 @@ class Batcher:
                         "equal"
                     )
             return first
+        dtype = first.dtype  # torch.cat would promote mixed dtypes silently: check them first
+        if all(type(value) is torch.Tensor and value.dtype is dtype for value in values):
+            try:
+                return torch.cat(values, dim=0)
+            except RuntimeError:
+                pass  # shapes, dimensions or devices differ: explain which invoke's below
         trailing = (first.shape[1:], first.dtype, first.device)
         for value, index in zip(values, indices, strict=False):
             if not isinstance(value, torch.Tensor) or value.dim() == 0:
