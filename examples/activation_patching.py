@@ -73,8 +73,8 @@ def patch_head(layer, head):
     return answer_logit(model.output)
 
 
-# One invoke per patch, as a function whose arguments are bound when the invoke is made (a
-# with-block body in a loop would run after the loop, and see only the loop's last values).
+# One invoke per patch, as a function and its arguments (`with tr.invoke(corrupt):` blocks in a
+# loop work as well: each body sees the loop's variables as they were when its invoke was made).
 with torch.no_grad(), model.trace() as tr:
     high = tr.invoke(clean).run(run_clean)
     low = tr.invoke(corrupt).run(lambda: answer_logit(model.output))
