@@ -54,6 +54,12 @@ def test_readme_block_runs(index: int, tmp_path: Path) -> None:
     if "tokens = tr.result" in block:
         assert result["tokens"].shape == (1, 10)
         assert result["stacked"].shape[0] == 1
+    if "ablated = model.output" in block:  # the tour, on the bundled induction model
+        answer = result["answer"]
+        assert torch.equal(result["patched"][:, -1].argmax(-1), answer)
+        assert not torch.equal(result["ablated"][:, -1].argmax(-1), answer)
+    if "patched = net(corrupt)" in block:  # the same patch with plain hooks
+        assert torch.equal(result["patched"][:, -1].argmax(-1), result["answer"])
     if "cache = tr.cache" in block:
         assert result["h"].grad is not None
         assert len(result["cache"]["layers.0"]) == 1
