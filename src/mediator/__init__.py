@@ -4,6 +4,8 @@ Each intervention (an invoke body, or a plain function) runs in its own thread a
 the Interleaver meets those threads at module boundaries; the Batcher runs all invokes of a
 trace as one batched forward pass. See README.md for a tour and SPEC.md for the contract.
 
+Example:
+
     import mediator
     model = mediator.Model(net)
     with model.trace(x):

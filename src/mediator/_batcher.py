@@ -22,7 +22,26 @@ Inputs = tuple[tuple[Any, ...], dict[str, Any]]
 
 
 class Batcher:
-    """Concatenates invokes' inputs along dim 0 and narrows values back to each invoke's rows."""
+    """Concatenates invokes' inputs along dim 0 and narrows values back to each invoke's rows.
+
+    This is the default for models that are not causal language models. A model that needs its
+    own batching (padding, masks, a batch dimension that is not first) gets a subclass through
+    `mediator.Model(net, batcher=...)`; override `batch`, and `narrow`, `merge` and
+    `check_replacement` where values are batched differently too.
+
+    Example:
+
+        class PadRight(mediator.Batcher):
+            def batch(self, inputs, generate=False):
+                width = max(entry[0][0].shape[1] for entry in inputs if entry is not None)
+                padded = [
+                    None if entry is None else ((pad_to(entry[0][0], width),), entry[1])
+                    for entry in inputs
+                ]
+                return super().batch(padded, generate)
+
+        model = mediator.Model(net, batcher=PadRight())
+    """
 
     def batch(
         self, inputs: list[Inputs | None], generate: bool = False
@@ -31,7 +50,15 @@ class Batcher:
         they go to the module's `generate` rather than its forward.
 
         Returns the batched `(args, kwargs)`, each invoke's rows (`None` for "the whole batch")
-        and the total batch size.
+        and the total batch size. Raises `UsageError` when no invoke has inputs, and
+        `ShapeError` when the inputs cannot be concatenated.
+
+        Example:
+
+            batcher = mediator.Batcher()
+            (args, kwargs), rows, total = batcher.batch([((x1,), {}), None, ((x2,), {})])
+            # args == (torch.cat([x1, x2]),), kwargs == {}, total == len(x1) + len(x2)
+            # rows == [slice(0, len(x1)), None, slice(len(x1), total)]
         """
         given = [(index, entry) for index, entry in enumerate(inputs) if entry is not None]
         if not given:
@@ -50,7 +77,17 @@ class Batcher:
         return self._concatenate([entry for _, entry in given], [i for i, _ in given]), rows, start
 
     def narrow(self, value: Any, rows: slice, total: int) -> Any:
-        """The part of `value` that belongs to `rows` (views, no copies)."""
+        """The part of `value` that belongs to `rows` (views, no copies).
+
+        Every tensor in `value` (also inside tuples, lists, dicts and dataclasses) whose dim 0
+        is `total` is cut to `rows`; other leaves are kept whole.
+
+        Example:
+
+            h = torch.randn(3, 8)
+            first = batcher.narrow(h, slice(0, 1), total=3)         # h[0:1], a view
+            pair = batcher.narrow((h, mask), slice(1, 3), total=3)  # (h[1:3], mask[1:3])
+        """
         if isinstance(value, torch.Tensor):
             return _narrow_leaf(value, rows, total)
         leaves, rebuild = flatten(value)
@@ -60,6 +97,14 @@ class Batcher:
         """Rebuild `full` from each invoke's (possibly replaced) view of its rows.
 
         `views` lists `(rows, view)` for the invokes that hold a view, in row order.
+        The result is a new value: `full` is not written to in place, so autograd sees every
+        view on the path to the loss. Leaves that are not batched take an invoke's replacement.
+
+        Example:
+
+            h = torch.zeros(3, 8)
+            new = batcher.merge(h, [(slice(0, 1), torch.ones(1, 8))], total=3)
+            # new[0] is all ones, new[1:] all zeros; h is unchanged
         """
         if isinstance(full, torch.Tensor):
             return _merge_rows(full, views) if _is_batch(full, total) else full
@@ -78,7 +123,17 @@ class Batcher:
 
     def check_replacement(self, old: Any, new: Any, where: str) -> None:
         """Raise ShapeError unless `new` can stand where `old` stood (same structure, shapes,
-        dtypes and devices of its tensors)."""
+        dtypes and devices of its tensors).
+
+        Called for every `.output = v`, `.inputs = ...`, `.input = v` and `.skip(v)`; `where`
+        names the module and the user's line in the error message.
+
+        Example:
+
+            h = torch.zeros(2, 8)
+            batcher.check_replacement(h, h * 2, "layers.1.output")         # fine
+            batcher.check_replacement(h, h[:, :4], "layers.1.output")      # ShapeError
+        """
         if isinstance(old, torch.Tensor) and isinstance(new, torch.Tensor):
             if (old.shape, old.dtype, old.device) != (new.shape, new.dtype, new.device):
                 raise ShapeError(

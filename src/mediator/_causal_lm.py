@@ -20,7 +20,24 @@ from ._errors import ShapeError
 
 
 class CausalLMBatcher(Batcher):
-    """Left-pads `input_ids` and `attention_mask` of invokes with different prompt lengths."""
+    """Left-pads `input_ids` and `attention_mask` of invokes with different prompt lengths.
+
+    `mediator.Model` picks it for Hugging Face style causal language models (a `config` and a
+    `generate` method), with the config's pad token (else its end-of-sequence token, else 0).
+    Pass one yourself to choose the pad token, or `position_ids=False` for a model whose forward
+    takes no `position_ids`. Each invoke passes `input_ids` (`[T]` or `[n, T]`) and maybe an
+    `attention_mask`, and reads its values with its left padding: position `-1` is its last
+    token.
+
+    Example:
+
+        model = mediator.Model(net, batcher=mediator.CausalLMBatcher(pad_token_id=0))
+        with model.trace() as tr:
+            with tr.invoke(tokenizer("The cat", return_tensors="pt").input_ids):
+                short = model.lm_head.output[:, -1]     # the last real token's logits
+            with tr.invoke(tokenizer("A longer prompt here", return_tensors="pt").input_ids):
+                long = model.lm_head.output[:, -1]
+    """
 
     def __init__(self, pad_token_id: int = 0, position_ids: bool = True) -> None:
         self.pad_token_id = pad_token_id
@@ -29,6 +46,21 @@ class CausalLMBatcher(Batcher):
     def batch(
         self, inputs: list[Inputs | None], generate: bool = False
     ) -> tuple[Inputs, list[slice | None], int]:
+        """Batch the invokes' prompts, left-padding them to the longest one when lengths differ
+        or a mask is given; for a forward pass (not `generate`) also add `position_ids` computed
+        from the mask, so each prompt gets the positions of a solo run. Returns what
+        `Batcher.batch` returns.
+
+        Example:
+
+            batcher = mediator.CausalLMBatcher(pad_token_id=0)
+            (args, kwargs), rows, total = batcher.batch(
+                [((torch.tensor([[5, 6, 7]]),), {}), ((torch.tensor([[8, 9]]),), {})]
+            )
+            # kwargs["input_ids"] == [[5, 6, 7], [0, 8, 9]]
+            # kwargs["attention_mask"] == [[1, 1, 1], [0, 1, 1]]
+            # kwargs["position_ids"] == [[0, 1, 2], [0, 0, 1]]
+        """
         prompts = [
             None if entry is None else self._normalise(entry, i) for i, entry in enumerate(inputs)
         ]

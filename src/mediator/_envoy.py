@@ -40,7 +40,25 @@ def _where() -> str:
 
 
 class Envoy:
-    """A proxy for one module of a `Model` (see the SPEC: `model.layers[0].mlp.output`)."""
+    """A proxy for one module of a `Model`: `model.layers[0].mlp` is the Envoy of that module.
+
+    Envoys mirror the module tree: a child by attribute (`model.layers`), by position
+    (`model.layers[0]`) or by name (`model["layers"]`); `len()` and iteration work for
+    `ModuleList` and `Sequential`. Inside an invoke body, `.output`, `.inputs`, `.input` and
+    `.skip(v)` read and change what the module computes for that invoke's rows. Every other
+    attribute is the wrapped module's own (`model.config`, `model.layers[0].weight`), and calling
+    an Envoy calls its module plainly. A misspelled child raises `AttributeError` naming the
+    closest real ones.
+
+    Example:
+
+        model = mediator.Model(net)
+        block = model.layers[0]             # an Envoy; block.path == "layers.0"
+        for layer in model.layers:          # one Envoy per child, in order
+            print(layer.path, layer.weight.shape)
+        with model.trace(x):
+            h = block.output
+    """
 
     _module: nn.Module
     _path: str
@@ -68,7 +86,15 @@ class Envoy:
 
     @property
     def path(self) -> str:
-        """The module's path in the model, e.g. `"layers.0.mlp"` (the root's is `""`)."""
+        """The module's path in the model, e.g. `"layers.0.mlp"` (the root's is `""`).
+
+        It is the name `net.named_modules()` gives the module, and the key a `tr.cache()` uses.
+
+        Example:
+
+            model.layers[0].mlp.path        # "layers.0.mlp"
+            model.path                      # ""
+        """
         return self._path
 
     def __getattr__(self, name: str) -> Any:
@@ -92,7 +118,16 @@ class Envoy:
 
     def __getitem__(self, key: int | str) -> Envoy:
         """A child by position (`model.layers[0]`, negative too) or by name (`block["output"]`,
-        also for children whose names clash with the Envoy API)."""
+        also for children whose names clash with the Envoy API).
+
+        An unknown name raises `KeyError` naming the closest real children; a position out of
+        range raises `IndexError`.
+
+        Example:
+
+            first, last = model.layers[0], model.layers[-1]
+            proj = block["output"]          # a child named "output", not the block's .output
+        """
         children = self._children
         if isinstance(key, str):
             if key not in children:
@@ -113,7 +148,17 @@ class Envoy:
         return iter(self._items)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        """Call the module plainly: no interventions, not counted as one of the model's calls."""
+        """Call the module plainly: no interventions, not counted as one of the model's calls.
+
+        Inside a body this runs the module on any value you give it, for example the model's own
+        head on an intermediate value (the logit lens); the trace does not see this call.
+
+        Example:
+
+            with model.trace(input_ids):
+                h = model.layers[0].output
+                lens = model.lm_head(model.ln_f(h))   # logits as if the model ended at layer 0
+        """
         return self._module(*args, **kwargs)
 
     def __repr__(self) -> str:
@@ -157,7 +202,23 @@ class Envoy:
 
     @property
     def output(self) -> Any:
-        """The module's output for this invoke's rows (blocks until the module has run)."""
+        """The module's output for this invoke's rows (blocks until the module has run).
+
+        Reading it gives the real value the model computed, narrowed to this invoke's rows of the
+        batch. Setting it (`.output = v`) replaces that value for the rest of the forward pass;
+        `v` must have the same structure and shapes (else `ShapeError`). Editing the tensor in
+        place (`.output[:, 0] = 0`) changes it too. Inside `tr.iter[...]` it is the output of the
+        module's call numbered `step`, else of its first call. Outside an invoke body it raises
+        `UsageError`; a module the model has already run raises `OutOfOrderError`.
+
+        Example:
+
+            with model.trace(x):
+                h = model.layers[1].output
+                model.layers[1].output = h * 2      # the rest of the forward sees h * 2
+                model.layers[2].output[:, 0] = 0    # an in-place edit of the real tensor
+                logits = model.output               # the root module's output
+        """
         mediator, key = self._request("output", OUTPUT)
         return mediator.value(key)
 
@@ -168,7 +229,18 @@ class Envoy:
 
     @property
     def inputs(self) -> tuple[tuple[Any, ...], dict[str, Any]]:
-        """`(args, kwargs)` of the module's call, for this invoke's rows."""
+        """`(args, kwargs)` of the module's call, for this invoke's rows.
+
+        Set it to a new `(args, kwargs)` pair to call the module with other arguments; tensors
+        must keep their shapes. Like `.output`, it waits until the model reaches the call, and
+        must be requested before the module's output.
+
+        Example:
+
+            with model.trace(x):
+                args, kwargs = model.layers[0].inputs
+                model.layers[0].inputs = ((args[0] * 0.5,), kwargs)
+        """
         mediator, key = self._request("inputs", INPUT)
         return mediator.value(key)  # type: ignore[no-any-return]
 
@@ -186,7 +258,17 @@ class Envoy:
 
     @property
     def input(self) -> Any:
-        """The first positional argument of the call (or the first keyword argument)."""
+        """The first positional argument of the call (or the first keyword argument).
+
+        Settable: `.input = v` replaces just that argument and keeps the others. A call without
+        any argument has no `.input` (`UsageError`).
+
+        Example:
+
+            with model.trace(x):
+                h = model.layers[1].input               # what layers.0 passed on
+                model.layers[1].input = h + steer       # layers.1 runs on the edited value
+        """
         mediator, key = self._request("input", INPUT)
         args, kwargs = mediator.value(key)
         if args:
@@ -212,13 +294,43 @@ class Envoy:
         mediator.swap(key, replace_first, _where())
 
     def skip(self, value: Any) -> None:
-        """Do not run this module for this invoke: `value` is its output."""
+        """Do not run this module for this invoke: `value` is its output.
+
+        Call it before the module runs. `value` must look like the output the module would have
+        given for this invoke's rows (the same shapes). Other invokes of the trace still run the
+        module on their own rows.
+
+        Example:
+
+            with model.trace(x):
+                h = model.layers[1].output
+                model.layers[2].skip(h)             # layers.2 does not run; h is its output
+                out = model.output
+        """
         mediator, key = self._request("skip()", INPUT)
         mediator.skip(key, value, _where())
 
 
 class Model(Envoy):
-    """Wraps any `torch.nn.Module` for tracing. The module is not copied and not changed."""
+    """Wraps any `torch.nn.Module` for tracing. The module is not copied and not changed.
+
+    The `Model` is the Envoy of the root module: children, `.output` and plain calls work as on
+    any Envoy, and `trace` and `generate` open traces. `net` itself stays usable and computes
+    what it did before. `batcher` chooses how several invokes are batched into one forward pass
+    (by default `CausalLMBatcher` for language models that have `generate` and a `config`, else
+    `Batcher`); `pin_threads=False` stops a trace from keeping its threads on the caller's CPU.
+
+    Example:
+
+        import torch, mediator
+
+        model = mediator.Model(net)
+        y = model(x)                        # a plain call: the same as net(x)
+        with model.trace(x):
+            h = model.layers[1].output
+            model.layers[1].output = h * 2
+            logits = model.output
+    """
 
     def __init__(
         self, module: nn.Module, *, batcher: Batcher | None = None, pin_threads: bool = True
@@ -243,13 +355,43 @@ class Model(Envoy):
 
     def trace(self, *args: Any, **kwargs: Any) -> Tracer:
         """A trace: with inputs, its with-body is the single invoke; without, it holds
-        `tr.invoke(...)` blocks. All invokes run in one batched forward pass."""
+        `tr.invoke(...)` blocks. All invokes run in one batched forward pass.
+
+        Positional and tensor keyword arguments are the inputs of the module's forward. Given no
+        inputs, other keyword arguments are options passed to the forward of the batched call.
+        Names bound in the bodies are bound in your scope after the block.
+
+        Example:
+
+            with model.trace(x):                    # x is the input; the body is the invoke
+                h = model.layers[1].output
+
+            with model.trace() as tr:               # several invokes, one forward pass
+                with tr.invoke(clean):
+                    clean_h = model.layers[3].output
+                with tr.invoke(corrupt):
+                    model.layers[3].output = clean_h
+                    patched = model.output
+        """
         return Tracer(self, args, kwargs)
 
     def generate(self, *args: Any, **kwargs: Any) -> Tracer:
         """A trace of the module's own `generate` (Hugging Face style). Step 0 is the forward
-        pass over the prompt, step k the one that produces the k-th new token; loop over them
-        with `tr.iter[...]`. Options such as `max_new_tokens` go to `generate`."""
+        pass over the prompt, which gives the first new token; step k is the next pass, which
+        gives new token k + 1. Loop over them with `tr.iter[...]`. Options such as
+        `max_new_tokens` go to `generate`.
+
+        `tr.result` is what `generate` returned. A module without `generate` raises
+        `UsageError`.
+
+        Example:
+
+            with model.generate(input_ids, max_new_tokens=5) as tr:
+                logits = []
+                for step in tr.iter[:]:
+                    logits.append(model.lm_head.output)
+            tokens = tr.result
+        """
         if not callable(getattr(self._module, "generate", None)):
             raise UsageError(
                 f"{type(self._module).__name__} has no generate() method; use model.trace(...) "

@@ -8,27 +8,128 @@ from __future__ import annotations
 
 
 class MediatorError(Exception):
-    """Base class of every error raised by `mediator` itself."""
+    """Base class of every error raised by `mediator` itself.
+
+    Catch it to handle any mistake the library reports, whatever its kind. It is also raised
+    as is for the rare cases that fit no subclass: a `tr.barrier(n)` that fewer than `n` bodies
+    reached before the forward pass ended, or the future of a function whose trace was cancelled.
+    Exceptions raised by your own code in a body, or by the model, are never wrapped in it.
+
+    Example:
+
+        try:
+            with model.trace(x):
+                h = model.layers[1].output
+        except mediator.MediatorError as error:
+            print("mediator says:", error)
+    """
 
 
 class UsageError(MediatorError, RuntimeError):
-    """The API was used in a way it cannot work (outside a trace, invoke inside invoke, ...)."""
+    """The API was used in a way it cannot work; the message says what to write instead.
+
+    Raised, among others, for `.output`, `.inputs`, `.skip(...)`, `tr.stop()` or `tr.iter` used
+    outside an invoke body; `tr.invoke(...)` inside `with model.trace(x):` (a trace given inputs
+    is itself the single invoke) or inside another invoke's body; a trace where no invoke has
+    inputs; `tr.result` read before the trace ran; generation options such as `max_new_tokens`
+    given to `model.trace` instead of `model.generate`; `.output` of a container the model never
+    calls itself (a `ModuleList`); and `return` or `yield` inside a with-body. It is a
+    `RuntimeError` too.
+
+    Example:
+
+        h = model.layers[0].output          # UsageError: not inside an invoke body
+        with model.trace(x):                # instead: read it inside a trace
+            h = model.layers[0].output
+
+        with model.trace(x) as tr:
+            with tr.invoke(y):              # UsageError: model.trace(x) is the single invoke
+                ...
+        with model.trace() as tr:           # instead: no inputs on the trace, one invoke each
+            with tr.invoke(x):
+                ...
+            with tr.invoke(y):
+                ...
+    """
 
 
 class OutOfOrderError(MediatorError):
-    """A body asked for a value the model had already computed (or skipped past)."""
+    """A body asked for a value the model had already computed (or skipped past).
+
+    A body runs alongside the forward pass, so it must request values in the order the model
+    computes them: a module's input before its output, and earlier modules before later ones.
+    Reading, setting or skipping a boundary the model has passed raises this error in the body
+    at once, at the line that made the request, naming the module and its call. To use an earlier
+    value later, read it first and keep it in a name; to pass a value to another invoke, read it
+    in an earlier invoke. After an open `tr.iter[...]` loop, requests target step 0 again, so a
+    module read there is out of order too.
+
+    Example:
+
+        with model.trace(x):
+            late = model.layers[3].output
+            early = model.layers[0].output  # OutOfOrderError: layers.0 ran before layers.3
+
+        with model.trace(x):                # instead: in the order the model runs
+            early = model.layers[0].output
+            late = model.layers[3].output
+    """
 
 
 class MissedProviderError(MediatorError):
-    """A body asked for a value the model never produced in this forward pass."""
+    """A body asked for a value the model never produced in this forward pass.
+
+    Raised in the body when the forward pass ends while the body still waits for a value: the
+    module was not called for these inputs, or not as many times as the step asked for (a
+    `tr.iter[k]` step beyond the last one `generate` ran). A value set with `.output = v` or a
+    `.skip(v)` that the model never reached raises it too, naming the line of the set. Check
+    which modules the model calls for these inputs (`print(model)` shows the tree) and how many
+    steps it runs.
+
+    Example:
+
+        with model.generate(input_ids, max_new_tokens=3) as tr:
+            for step in tr.iter[5]:         # MissedProviderError: only steps 0, 1 and 2 ran
+                h = model.layers[0].output
+    """
 
 
 class ShapeError(MediatorError, ValueError):
-    """A swapped value or a batched input does not have the shape the model needs."""
+    """A swapped value or a batched input does not have the shape the model needs.
+
+    Raised when a value set with `.output = v`, `.inputs = ...`, `.input = v` or `.skip(v)` does
+    not match what it replaces (the same structure, and tensors of the same shape, dtype and
+    device), and when the inputs of several invokes cannot be batched together (different
+    trailing dimensions, a different set of arguments, non-tensor arguments that differ). The
+    message names the module or the input and the shape that was expected. Replace values with
+    ones of the same shape (`h * 2`, `torch.zeros_like(h)`, in-place edits of `h`); pad inputs
+    to one length, or trace them separately. It is a `ValueError` too.
+
+    Example:
+
+        with model.trace(x):
+            h = model.layers[1].output
+            model.layers[1].output = h[:, :4]           # ShapeError: expected h's shape
+            model.layers[1].output = torch.zeros_like(h)  # fine: same shape, dtype, device
+    """
 
 
 class SourceUnavailableError(UsageError):
-    """The source of a with-block body cannot be found (plain REPL, `exec` of a string)."""
+    """The source of a with-block body cannot be found (plain REPL, `exec` of a string).
+
+    A with-body runs from its source code, which `mediator` reads from your file or notebook
+    cell. A plain `python` REPL and `exec` of a string keep no source, and a file edited after it
+    was imported no longer matches. Use the function form there: it needs no source.
+
+    Example:
+
+        def read(layer):
+            return model.layers[layer].output
+
+        with model.trace() as tr:           # works in a REPL and in exec()
+            future = tr.invoke(x).run(read, 1)
+        h = future.result()
+    """
 
 
 class _Cancelled(BaseException):

@@ -140,7 +140,28 @@ class _Abort(BaseException):
 
 @dataclass(eq=False)
 class Barrier:
-    """`tr.barrier(n)`: calling it blocks a body until `n` bodies have called it."""
+    """`tr.barrier(n)`: calling it blocks a body until `n` bodies have called it.
+
+    Invokes are served in the order they are defined, and a body waits for a name an earlier
+    invoke has not bound yet, which covers most exchanges between invokes. A barrier is for the
+    rest: a body that needs something another invoke does later, such as an entry that invoke
+    puts into a shared dict. The bodies are released in definition order. A barrier that fewer
+    than `n` bodies reach before the forward pass ends raises `MediatorError`.
+
+    Example:
+
+        with model.trace() as tr:
+            both = tr.barrier(2)
+            norms = {}
+            with tr.invoke(x1):
+                norms[0] = model.layers[1].output.norm()
+                both()                          # until the other invoke stored its norm too
+                scale = norms[1] / norms[0]
+                model.layers[2].output = model.layers[2].output * scale
+            with tr.invoke(x2):
+                norms[1] = model.layers[1].output.norm()
+                both()
+    """
 
     parties: int
     arrived: list[Mediator] = field(default_factory=list)

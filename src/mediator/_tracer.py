@@ -54,7 +54,21 @@ _GENERATION_OPTIONS = frozenset(
 
 
 class Invoke:
-    """One invoke of a trace: its inputs, and a with-body or a function to run."""
+    """One invoke of a trace: its inputs, and a with-body or a function to run.
+
+    `tr.invoke(x)` makes one. Use it as a `with` block, whose body then runs in its own thread
+    alongside the forward pass (not where it stands), or hand it a function with `.run(fn)`.
+    Its rows of the batch are those of its inputs; an invoke without inputs sees every row.
+    Invokes are served in the order they are defined.
+
+    Example:
+
+        with model.trace() as tr:
+            with tr.invoke(x1):                 # the body is this invoke
+                h1 = model.layers[1].output
+            future = tr.invoke(x2).run(lambda: model.layers[1].output)
+        h2 = future.result()
+    """
 
     def __init__(self, tracer: Tracer, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         self.tracer = tracer
@@ -82,7 +96,24 @@ class Invoke:
         self, fn: Callable[..., Any], *args: Any, **kwargs: Any
     ) -> concurrent.futures.Future[Any]:
         """Run `fn(*args, **kwargs)` as this invoke's body; its result arrives in the future
-        when the trace has run (after the `with model.trace()` block)."""
+        when the trace has run (after the `with model.trace()` block).
+
+        Returns a `concurrent.futures.Future`. The function needs no source code, so this form
+        works in a REPL, in `exec`, with lambdas and in library code; otherwise it behaves like
+        a with-body. An exception in `fn` fails the trace, and the future holds it too. Calling
+        `.result()` before the trace has run raises `UsageError`.
+
+        Example:
+
+            def ablate(layer):
+                model.layers[layer].output = torch.zeros_like(model.layers[layer].output)
+                return model.output.argmax(-1)
+
+            with model.trace() as tr:
+                a = tr.invoke(x1).run(ablate, 0)
+                b = tr.invoke(x2).run(ablate, 1)
+            print(a.result(), b.result())
+        """
         if not callable(fn):
             raise TypeError(
                 f"tr.invoke(...).run() needs a callable, got {type(fn).__name__}; pass the "
@@ -146,7 +177,24 @@ class Invoke:
 
 
 class Tracer:
-    """`model.trace(...)`: one batched forward pass with the invokes defined in its block."""
+    """`model.trace(...)`: one batched forward pass with the invokes defined in its block.
+
+    Made by `Model.trace` and `Model.generate`, and used as a `with` block. Given inputs, the
+    trace runs its own body as the single invoke when the block is entered; without inputs it
+    collects `tr.invoke(...)` invokes and runs them together when the block ends. Either way,
+    every thread and hook of the trace is gone afterwards, and the names the bodies bound are
+    bound in your scope.
+
+    Example:
+
+        with model.trace() as tr:
+            with tr.invoke(clean):
+                clean_h = model.layers[3].output
+            with tr.invoke(corrupt):
+                model.layers[3].output = clean_h
+                patched = model.output
+        out = tr.result                         # the batched forward's return value
+    """
 
     def __init__(
         self, model: Model, args: tuple[Any, ...], kwargs: dict[str, Any], method: str = "forward"
@@ -190,11 +238,40 @@ class Tracer:
         return False
 
     def invoke(self, *args: Any, **kwargs: Any) -> Invoke:
-        """A new invoke with these inputs (none: the whole batch of the other invokes)."""
+        """A new invoke with these inputs (none: the whole batch of the other invokes).
+
+        Inputs of several invokes are concatenated along dim 0 into one batch; each invoke reads
+        and writes only its own rows. Only a trace opened without inputs takes invokes, and not
+        from inside an invoke body (`UsageError`).
+
+        Example:
+
+            with model.trace() as tr:
+                with tr.invoke(x1):                 # rows 0 .. len(x1) - 1
+                    a = model.output
+                with tr.invoke(x2):                 # the next len(x2) rows
+                    b = model.output
+                with tr.invoke():                   # no inputs: every row of the batch
+                    both = model.output
+        """
         return Invoke(self, args, kwargs)
 
     def barrier(self, parties: int) -> Barrier:
-        """A barrier for `parties` invokes: each calls it and waits until all have."""
+        """A barrier for `parties` invokes: each calls it and waits until all have.
+
+        Returns a `Barrier`; see there for when order alone is not enough.
+
+        Example:
+
+            with model.trace() as tr:
+                both = tr.barrier(2)
+                with tr.invoke(x1):
+                    h1 = model.layers[1].output
+                    both()
+                with tr.invoke(x2):
+                    h2 = model.layers[1].output
+                    both()
+        """
         if parties < 1:
             raise ValueError(f"tr.barrier(n) needs n >= 1, got {parties}")
         return Barrier(parties)
@@ -202,17 +279,59 @@ class Tracer:
     @property
     def iter(self) -> Steps:
         """Steps of the trace: `for step in tr.iter[:]` (also `[i]`, `[a:b]`, `[a:]`,
-        `[[i, j]]`). Inside the loop every request targets the module's call number `step`."""
+        `[[i, j]]`). Inside the loop every request targets the module's call number `step`.
+
+        In `generate`, step k is forward pass number k (step 0 runs over the prompt); within one
+        forward pass, it picks a call of a module that runs several times. An open slice (`[:]`,
+        `[a:]`) ends when the traced call returns, and the code after the loop then runs; a
+        bounded step the model never reached raises `MissedProviderError`. Only inside an
+        invoke body.
+
+        Example:
+
+            with model.generate(input_ids, max_new_tokens=5) as tr:
+                logits = []
+                for step in tr.iter[:]:
+                    if step == 2:
+                        model.layers[0].output[:] = 0
+                    logits.append(model.lm_head.output)
+                stacked = torch.cat(logits, dim=1)  # runs once generation has ended
+        """
         return Steps(self)
 
     def all(self) -> Iterator[int]:
-        """Every step, until the traced call returns: the same as `tr.iter[:]`."""
+        """Every step, until the traced call returns: the same as `tr.iter[:]`.
+
+        Example:
+
+            with model.generate(input_ids, max_new_tokens=3) as tr:
+                last = []
+                for step in tr.all():
+                    last.append(model.lm_head.output[:, -1])
+        """
         return self.iter[:]
 
     @property
     def result(self) -> Any:
         """The traced call's return value: after the trace, or inside a body (which then
-        waits until the call has returned, and gets its own rows)."""
+        waits until the call has returned, and gets its own rows).
+
+        For `model.trace` it is what the forward pass returned, for `model.generate` what
+        `generate` returned. Read outside a body before the trace has run, it raises
+        `UsageError`. Keeping `tr` keeps this value, not the values the bodies saw.
+
+        Example:
+
+            with model.generate(input_ids, max_new_tokens=5) as tr:
+                h = model.layers[0].output
+            tokens = tr.result
+
+            with model.trace() as tr:
+                with tr.invoke(x1):
+                    mine = tr.result                # waits for the forward: x1's rows only
+                with tr.invoke(x2):
+                    h2 = model.layers[1].output
+        """
         mediator = getattr(_local, "mediator", None)
         if mediator is not None and mediator.tracer is self:
             return mediator.traced_result()
@@ -226,7 +345,21 @@ class Tracer:
     def cache(self, modules: Any = None, inputs: bool = False) -> Cache:
         """Record every module's output (or those of `modules`, Envoys or paths), and with
         `inputs=True` their `(args, kwargs)` too, as the rest of the forward sees them, one entry
-        per call, from now on. Inside an invoke body it holds that invoke's rows."""
+        per call, from now on. Inside an invoke body it holds that invoke's rows.
+
+        Returns a `Cache`, a mapping from module path to the list of values, read after the
+        trace (or later in the body). Opened in the block of a trace without inputs, before it
+        runs, it holds the whole batch. Values are recorded after every intervention at their
+        boundary; they are references, not copies.
+
+        Example:
+
+            with model.trace(x) as tr:
+                cache = tr.cache(modules=[model.layers[0], "layers.1"], inputs=True)
+                model.layers[0].output = model.layers[0].output * 2
+            cache["layers.0"][0]                    # the doubled output of its first call
+            cache.inputs["layers.1"][0]             # (args, kwargs) of layers.1's first call
+        """
         model = self.model
         paths = dict(enumerate(model._paths))
         if modules is not None:
@@ -246,7 +379,20 @@ class Tracer:
         return cache
 
     def stop(self) -> None:
-        """End the forward pass right after the current point; the trace exits normally."""
+        """End the forward pass right after the current point; the trace exits normally.
+
+        The rest of the model does not run, and every name bound so far is kept. Bodies still
+        waiting for a value are ended quietly, the calling one too at its next request (so put
+        `tr.stop()` last). `tr.result` is `None` after a stopped call. Only inside an invoke
+        body.
+
+        Example:
+
+            with model.trace(x) as tr:
+                h = model.layers[1].output
+                tr.stop()                           # layers.2 onwards do not run
+            print(h.shape)
+        """
         interleaver = self._own_mediator("tr.stop()").interleaver
         assert interleaver is not None
         interleaver.stopping = True
@@ -402,12 +548,29 @@ class _InvokeFuture(concurrent.futures.Future):  # type: ignore[type-arg]
 
 
 class Steps:
-    """`tr.iter`: index it with a step, a slice or a list of steps to loop over them."""
+    """`tr.iter`: index it with a step, a slice or a list of steps to loop over them.
+
+    Example:
+
+        with model.generate(input_ids, max_new_tokens=5) as tr:
+            for step in tr.iter[1:4]:               # steps 1, 2 and 3
+                model.layers[0].output[:, -1] += steer
+    """
 
     def __init__(self, tracer: Tracer) -> None:
         self._tracer = tracer
 
     def __getitem__(self, selection: int | slice | list[int] | tuple[int, ...]) -> Iterator[int]:
+        """An iterator over the selected steps: `[i]`, `[a:b]`, `[a:b:s]`, `[a:]` (open: until
+        the traced call returns) or `[[i, j, ...]]`. Steps count up from 0; while the loop body
+        runs, requests target step `step`, and step 0 again once the loop has ended.
+
+        Example:
+
+            outputs = []
+            for step in tr.iter[[0, 3]]:            # inside an invoke body
+                outputs.append(model.layers[0].output)
+        """
         mediator = self._tracer._own_mediator("tr.iter[...]")
         if isinstance(selection, slice):
             start, stop, stride = selection.start or 0, selection.stop, selection.step or 1
