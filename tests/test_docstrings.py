@@ -22,10 +22,10 @@ import mediator
 from mediator._cache import Cache
 from mediator._tracer import Steps
 
-EXEMPT = {"models"}  # a module of example models; its public names are handled separately
+EXEMPT = {"models"}  # the module of built-in models: its public names are collected below
 RETURNED = (Cache, Steps)  # public classes reached through the API rather than by name
 CALLED_DUNDERS = {"__getitem__", "__call__"}  # documented where a public class defines them
-UNDOCUMENTED_DUNDERS = {"Barrier.__call__"}  # calling a barrier is shown by its class docstring
+UNDOCUMENTED_DUNDERS: set[str] = set()
 
 
 def _own_doc(value: Any) -> str | None:
@@ -45,6 +45,12 @@ def _public_objects() -> dict[str, Any]:
         if inspect.isclass(obj):
             classes.append(obj)
     classes += [cls for cls in RETURNED if cls not in classes]
+    for name, obj in vars(mediator.models).items():
+        if name.startswith("_") or getattr(obj, "__module__", None) != "mediator.models":
+            continue
+        found[f"mediator.models.{name}"] = obj
+        if inspect.isclass(obj):
+            classes.append(obj)
     for cls in classes:
         for attr, value in vars(cls).items():
             qualified = f"{cls.__name__}.{attr}"

@@ -422,6 +422,11 @@ def test_negative_step_is_value_error(rnet, xs):
         with model.trace(xs[0]) as tr:
             for step in tr.iter[-2:]:
                 model.cell.output
+    for zero_stride in (slice(0, 3, 0), slice(1, None, 0)):
+        with pytest.raises(ValueError, match="steps count up"):
+            with model.trace(xs[0]) as tr:
+                for step in tr.iter[zero_stride]:
+                    model.cell.output
 
 
 def test_iter_outside_a_body_is_usage_error(rnet, xs):

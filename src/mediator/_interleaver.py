@@ -167,6 +167,14 @@ class Barrier:
     arrived: list[Mediator] = field(default_factory=list)
 
     def __call__(self) -> None:
+        """Wait here until every party of the barrier has called it (inside a body only).
+
+        Example:
+
+            both = tr.barrier(2)
+            with tr.invoke(x1):
+                both()                      # waits for the other invoke's call
+        """
         from ._mediator import current_mediator
 
         current_mediator("a barrier").wait_at_barrier(self)

@@ -573,7 +573,8 @@ class Steps:
         """
         mediator = self._tracer._own_mediator("tr.iter[...]")
         if isinstance(selection, slice):
-            start, stop, stride = selection.start or 0, selection.stop, selection.step or 1
+            start, stop = selection.start or 0, selection.stop
+            stride = 1 if selection.step is None else selection.step
             if start < 0 or stride < 1 or (stop is not None and stop < 0):
                 raise ValueError(f"tr.iter[{start}:{stop}:{stride}]: steps count up from 0")
             if stop is None:

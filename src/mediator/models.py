@@ -63,7 +63,13 @@ INDUCTION_HEADS = ((1, 0), (1, 1), (1, 2), (1, 3))  # and of its induction heads
 
 @dataclass
 class TinyLMConfig:
-    """Sizes of a `TinyLM`."""
+    """Sizes of a `TinyLM` (the defaults make the small random model the tests use).
+
+    Example:
+
+        config = TinyLMConfig(layers=2, width=64, heads=4, mlp=False)  # attention-only
+        net = TinyLM(config)
+    """
 
     vocab_size: int = 64
     width: int = 32
@@ -81,6 +87,12 @@ class Attention(nn.Module):
     Two identity submodules name its inner values, so they can be read and set like any output:
     `pattern` (the attention weights, `[batch, head, query, key]`) and `heads` (each head's
     output before the output projection `out`, `[batch, position, head, head_width]`).
+
+    Example:
+
+        with model.trace(ids):
+            pattern = model.layers[0].attn.pattern.output   # where each head looks
+            model.layers[1].attn.heads.output[:, :, 3] = 0   # ablate head 3 of layer 1
     """
 
     def __init__(self, config: TinyLMConfig) -> None:
@@ -92,6 +104,14 @@ class Attention(nn.Module):
         self.out = nn.Linear(config.width, config.width)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Attention of `x` `[batch, length, width]` over the positions `mask` allows
+        (`[batch, query, key]`, True where a query may look), projected back to `width`.
+
+        Example:
+
+            mask = torch.ones(1, 5, 5, dtype=torch.bool).tril()   # causal
+            out = net.layers[0].attn(torch.randn(1, 5, net.config.width), mask)
+        """
         batch, length, width = x.shape
         q, k, v = self.qkv(x).view(batch, length, 3, self.n_heads, -1).unbind(2)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
@@ -103,7 +123,14 @@ class Attention(nn.Module):
 
 
 class Block(nn.Module):
-    """x + attn(norm(x)), then x + mlp(norm(x)) unless the config has `mlp=False`."""
+    """x + attn(norm(x)), then x + mlp(norm(x)) unless the config has `mlp=False`.
+
+    Example:
+
+        with model.trace(ids):
+            resid = model.layers[1].input      # the residual stream entering block 1
+            after = model.layers[1].output     # and leaving it
+    """
 
     def __init__(self, config: TinyLMConfig) -> None:
         super().__init__()
@@ -120,6 +147,13 @@ class Block(nn.Module):
             )
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The residual stream `x` after this block; `mask` as for `Attention.forward`.
+
+        Example:
+
+            mask = torch.ones(1, 5, 5, dtype=torch.bool).tril()
+            out = net.layers[0](torch.randn(1, 5, net.config.width), mask)
+        """
         x = x + self.attn(self.ln1(x), mask)
         if self.mlp is not None and self.ln2 is not None:
             x = x + self.mlp(self.ln2(x))
@@ -127,7 +161,18 @@ class Block(nn.Module):
 
 
 class TinyLM(nn.Module):
-    """A small decoder-only language model with a greedy `generate`."""
+    """A small decoder-only language model with a greedy `generate`.
+
+    Children: `embed`, `position`, `layers` (each a `Block` with `ln1`, `attn` and, unless
+    `mlp=False`, `ln2` and `mlp`), `ln_f`, `lm_head`.
+
+    Example:
+
+        net = TinyLM().eval()                 # random weights; load_induction() for trained ones
+        model = mediator.Model(net)
+        with model.trace(torch.tensor([[1, 2, 3]])):
+            logits = model.lm_head.output     # [1, 3, vocab_size]
+    """
 
     def __init__(self, config: TinyLMConfig | None = None) -> None:
         super().__init__()
@@ -145,7 +190,14 @@ class TinyLM(nn.Module):
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Logits `[batch, length, vocab]` for every position."""
+        """Logits `[batch, length, vocab]` for every position. Padding is marked by zeros in
+        `attention_mask`; positions count from each sequence's first real token by default.
+
+        Example:
+
+            logits = net(torch.tensor([[0, 5, 9]]))                 # [1, 3, vocab_size]
+            padded = net(torch.tensor([[0, 0, 5]]), attention_mask=torch.tensor([[0, 1, 1]]))
+        """
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         if position_ids is None:
@@ -167,7 +219,15 @@ class TinyLM(nn.Module):
         max_new_tokens: int = 8,
     ) -> torch.Tensor:
         """Greedy decoding: the prompt followed by `max_new_tokens` tokens. Each step runs the
-        model over the whole sequence (no cache), so step k is the k-th call of every module."""
+        model over the whole sequence (no cache), so step k is the k-th call of every module.
+
+        Example:
+
+            tokens = net.generate(torch.tensor([[0, 5, 9]]), max_new_tokens=4)   # [1, 7]
+            with model.generate(torch.tensor([[0, 5, 9]]), max_new_tokens=4) as tr:
+                for step in tr.iter[:]:
+                    model.layers[0].output[:, -1] += steer
+        """
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         for _ in range(max_new_tokens):
@@ -189,7 +249,14 @@ def repeated_tokens(
     """`count` sequences `[BOS, r_1..r_length, r_1..r_length]`, shape `[count, 1 + 2 * length]`:
     the data `load_induction()` was trained on. The `r_i` of a sequence are distinct random tokens
     other than BOS (so `length < vocab_size`), and each token of the repeat has exactly one earlier
-    occurrence, whose successor is the next token."""
+    occurrence, whose successor is the next token.
+
+    Example:
+
+        ids = repeated_tokens(2, 5, generator=torch.Generator().manual_seed(0))
+        ids.shape                                  # (2, 11): BOS, r_1..r_5, r_1..r_5
+        torch.equal(ids[:, 1:6], ids[:, 6:])       # True
+    """
     if not 0 < length < vocab_size:
         raise ValueError(f"length must be in 1..{vocab_size - 1}, got {length}")
     half = torch.rand(count, vocab_size - 1, generator=generator).argsort(-1)[:, :length]
@@ -206,7 +273,18 @@ def induction_prompts(
     `clean` prompts are `[BOS, r_1..r_length, r_1..r_cut]`, whose next token is the `answer`
     `r_(cut+1)`; `corrupt` ones are the same with the earlier `r_cut` (at position `cut`) replaced
     by a token found nowhere else, so the model cannot look up what followed it. Shapes
-    `[count, 1 + length + cut]` and `[count]`."""
+    `[count, 1 + length + cut]` and `[count]`.
+
+    Example:
+
+        clean, corrupt, answer = induction_prompts(8, 10, 6)   # BOS r1..r10 r1..r6 -> r7
+        with model.trace() as tr:
+            with tr.invoke(clean):
+                h = model.layers[0].output
+            with tr.invoke(corrupt):
+                model.layers[0].output[:, 7] = h[:, 7]
+                patched = model.output                 # predicts `answer` again
+    """
     if not 0 < cut < length:
         raise ValueError(f"cut must be in 1..{length - 1}, got {cut}")
     ids = repeated_tokens(count, length + 1, generator=generator)  # one spare distinct token
@@ -221,6 +299,8 @@ def load_induction(path: str | os.PathLike[str] = INDUCTION_WEIGHTS) -> TinyLM:
 
     Loaded with `torch.load(..., weights_only=True)`: the file holds only the config (plain ints
     and bools) and the state dict. `examples/train_induction.py` wrote it and reproduces it.
+
+    Example:
 
         net = mediator.models.load_induction()
         ids = mediator.models.repeated_tokens(1, 10)      # [BOS, r_1..r_10, r_1..r_10]
