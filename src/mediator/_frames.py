@@ -57,7 +57,11 @@ def write_names(frame: types.FrameType, values: dict[str, Any]) -> None:
 class BodySkipper:
     """Makes `frame` raise `_SkipBody` when it reaches the body (its first line in
     `first..last`, or, for a body on the header's own line, its first instruction from column
-    `column` on); `restore()` puts the thread's and the frame's tracing back as they were."""
+    `column` on); `restore()` puts the thread's and the frame's tracing back as they were.
+
+    The trace functions are small objects rather than closures: a closure that returns itself
+    is a reference cycle, which would leave garbage for the cycle collector after every trace.
+    """
 
     def __init__(
         self, frame: types.FrameType, first: int, last: int, column: int, inline: bool
@@ -67,37 +71,17 @@ class BodySkipper:
         self.previous_local = frame.f_trace
         self.previous_opcodes = frame.f_trace_opcodes
         self.active = True
-
         if not inline:
-
-            def local(traced: types.FrameType, event: str, arg: Any) -> Callable[..., Any] | None:
-                if event == "line" and first <= traced.f_lineno <= last:
-                    raise _SkipBody
-                return local
-
+            local: Callable[..., Any] = _SkipAtLine(first, last)
         else:
             if not hasattr(frame.f_code, "co_positions"):
                 raise UsageError(
                     "on Python 3.10, put the body of a traced `with` block on its own line"
                 )
-            positions = list(frame.f_code.co_positions())
-
-            def local(traced: types.FrameType, event: str, arg: Any) -> Callable[..., Any] | None:
-                if event == "opcode":
-                    line, _, start, _ = positions[traced.f_lasti // 2]
-                    if line == first and start is not None and start >= column:
-                        raise _SkipBody
-                return local
-
+            local = _SkipAtColumn(list(frame.f_code.co_positions()), first, column)
             frame.f_trace_opcodes = True
-
-        previous_global = self.previous_global
-
-        def global_(traced: types.FrameType, event: Any, arg: Any) -> Any:
-            return previous_global(traced, event, arg) if previous_global else None
-
         frame.f_trace = local
-        sys.settrace(global_)
+        sys.settrace(_ChainGlobal(self.previous_global))
 
     def restore(self) -> None:
         if not self.active:
@@ -107,3 +91,47 @@ class BodySkipper:
         self.frame.f_trace = self.previous_local
         self.frame.f_trace_opcodes = self.previous_opcodes
         self.frame = None  # type: ignore[assignment]
+
+
+class _SkipAtLine:
+    """Local trace function: raise `_SkipBody` on the first line event inside the body."""
+
+    __slots__ = ("first", "last")
+
+    def __init__(self, first: int, last: int) -> None:
+        self.first, self.last = first, last
+
+    def __call__(self, traced: types.FrameType, event: str, arg: Any) -> _SkipAtLine:
+        if event == "line" and self.first <= traced.f_lineno <= self.last:
+            raise _SkipBody
+        return self
+
+
+class _SkipAtColumn:
+    """Local trace function: raise `_SkipBody` at the first instruction of the body, on the
+    header's line from `column` on (a body written on the `with` line itself)."""
+
+    __slots__ = ("positions", "line", "column")
+
+    def __init__(self, positions: list[Any], line: int, column: int) -> None:
+        self.positions, self.line, self.column = positions, line, column
+
+    def __call__(self, traced: types.FrameType, event: str, arg: Any) -> _SkipAtColumn:
+        if event == "opcode":
+            line, _, start, _ = self.positions[traced.f_lasti // 2]
+            if line == self.line and start is not None and start >= self.column:
+                raise _SkipBody
+        return self
+
+
+class _ChainGlobal:
+    """Global trace function while a body is skipped: whatever was installed before keeps
+    tracing new frames (a debugger's, a coverage tool's); without one, nothing is traced."""
+
+    __slots__ = ("previous",)
+
+    def __init__(self, previous: Callable[..., Any] | None) -> None:
+        self.previous = previous
+
+    def __call__(self, traced: types.FrameType, event: Any, arg: Any) -> Any:
+        return self.previous(traced, event, arg) if self.previous else None

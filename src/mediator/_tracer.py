@@ -517,6 +517,8 @@ class Tracer:
             invoke.scope = {}
             invoke.function = invoke.future = None
         self._invokes = []
+        if self._own is not None:
+            self._own.tracer = None  # type: ignore[assignment]  # no cycle: garbage-free exit
         write_names(frame, names)
 
 
