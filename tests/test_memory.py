@@ -574,7 +574,23 @@ def test_traces_leave_no_reference_cycles(model, x):
             future = tr.invoke(x).run(lambda: model.output)
         assert future.result() is not None
         with model.trace(x) as tr:
-            for step in tr.iter[0:1]:
+            for _step in tr.iter[0:1]:
                 _ = model.layers[3].output
+
+    assert _garbage_cycles_of(run) == []
+
+
+def test_generation_with_an_open_loop_leaves_no_reference_cycles():
+    """The end of an open `tr.iter[:]` loop is an exception inside the body's thread: neither
+    it nor its traceback may hold on to the trace."""
+    net = mediator.models.TinyLM().eval()
+    model = mediator.Model(net)
+    ids = torch.tensor([[3, 1, 4, 1, 5]])
+
+    def run() -> None:
+        with model.generate(ids, max_new_tokens=3) as tr:
+            logits = [model.lm_head.output for _ in tr.iter[:]]
+            tokens = tr.result
+        assert len(logits) == 3 and tokens.shape == (1, 8)
 
     assert _garbage_cycles_of(run) == []

@@ -17,7 +17,7 @@ import sys
 import threading
 import types
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NoReturn
 
 from ._errors import MissedProviderError, OutOfOrderError, UsageError, _Cancelled, _LoopEnd
 from ._interleaver import (
@@ -209,7 +209,7 @@ class Mediator:
             return self._block(Request(RESULT, None))
         result = interleaver.result_for(self)
         if type(result) is _Signal:
-            raise result.error
+            _raise(result)
         return result
 
     def lookup_name(self, name: str) -> Any:
@@ -290,8 +290,20 @@ class Mediator:
         if type(reply) is _Signal:
             if isinstance(reply.error, _Cancelled):
                 self.cancelled = True
-            raise reply.error
+            _raise(reply)
         return reply
+
+
+def _raise(signal: _Signal) -> NoReturn:
+    """Raise the signal's error, emptying `signal` first. The traceback keeps the frames it
+    passes through, so a frame that still held the error (here, or the caller's `reply`) would
+    form a cycle with it: the error, its frames and every value they hold would then wait for the
+    cycle collector instead of going when the error is handled."""
+    error, signal.error = signal.error, None  # type: ignore[assignment]
+    try:
+        raise error
+    finally:
+        del error
 
 
 def async_raise(thread: threading.Thread, error: type[BaseException]) -> None:
