@@ -9,17 +9,15 @@ so each mediator enters the captured state before it runs the body and leaves it
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
 _AUTOCAST_DEVICES = ("cpu", "cuda")
 
 
-@dataclass(frozen=True)
-class TorchState:
-    """The torch settings of one thread that a body must see."""
+class TorchState(NamedTuple):
+    """The torch settings of one thread that a body must see (a tuple: read once per trace)."""
 
     grad_enabled: bool
     inference_mode: bool
