@@ -16,6 +16,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -275,13 +276,14 @@ def many_invokes(model: mediator.Model, x: torch.Tensor, count: int) -> None:
             tr.invoke(x).run(read, i % 12)
 
 
-def generation(report: Report, calls: int, rounds: int) -> None:
-    """GPT-2 (2 layers, 64 wide, built from a config), 16 new tokens, one lm_head read a step."""
+def gpt2() -> tuple[nn.Module, torch.Tensor, dict[str, Any]] | None:
+    """The generation scenario's model (GPT-2, 2 layers, 64 wide, built from a config), prompt
+    and `generate` options: 16 greedy tokens. None without transformers."""
     try:
         import transformers
     except ImportError:
         print("(transformers not installed: generation scenario skipped)")
-        return
+        return None
     transformers.logging.set_verbosity_error()
     config = transformers.GPT2Config(
         n_layer=2,
@@ -294,9 +296,17 @@ def generation(report: Report, calls: int, rounds: int) -> None:
     )
     torch.manual_seed(0)
     net = transformers.GPT2LMHeadModel(config).eval()
-    model = mediator.Model(net)
     ids = torch.randint(0, 100, (1, 8))
-    options = {"max_new_tokens": 16, "do_sample": False, "pad_token_id": 0}
+    return net, ids, {"max_new_tokens": 16, "do_sample": False, "pad_token_id": 0}
+
+
+def generation(report: Report, calls: int, rounds: int) -> None:
+    """16 new tokens of `gpt2()`, one lm_head read a step."""
+    built = gpt2()
+    if built is None:
+        return
+    net, ids, options = built
+    model = mediator.Model(net)
 
     def traced() -> None:
         with model.generate(ids, **options) as tr:

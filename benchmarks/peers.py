@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench import MLP, hook_reading, per_call  # noqa: E402  (sets one torch thread)
+from bench import MLP, gpt2, hook_reading, per_call  # noqa: E402  (sets one torch thread)
 
 import mediator  # noqa: E402
 
@@ -229,28 +229,13 @@ def mlp_scenarios() -> list[tuple[str, dict[str, Callable[[], object]]]]:
 
 def generation_scenario(new: bool) -> dict[str, Callable[[], object]] | None:
     """bench.py's GPT-2 from a config, 16 greedy tokens, lm_head read at every step."""
-    try:
-        import transformers
-    except ImportError:
-        print("(transformers not installed: generation scenario skipped)")
+    built = gpt2()
+    if built is None:
         return None
-    transformers.logging.set_verbosity_error()
-    config = transformers.GPT2Config(
-        n_layer=2,
-        n_embd=64,
-        n_head=4,
-        vocab_size=100,
-        n_positions=64,
-        eos_token_id=None,
-        bos_token_id=None,
-    )
-    torch.manual_seed(0)
-    net = transformers.GPT2LMHeadModel(config).eval()
+    net, ids, options = built
     model = mediator.Model(copy.deepcopy(net))
     nns_net = copy.deepcopy(net)
     nns = NNsight(nns_net)
-    ids = torch.randint(0, 100, (1, 8))
-    options = {"max_new_tokens": 16, "do_sample": False, "pad_token_id": 0}
 
     def plain() -> list[torch.Tensor]:
         logits: list[torch.Tensor] = []
