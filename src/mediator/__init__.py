@@ -19,6 +19,7 @@ from ._batcher import Batcher
 from ._causal_lm import CausalLMBatcher
 from ._envoy import Envoy, Model
 from ._errors import (
+    LateEditWarning,
     MediatorError,
     MissedProviderError,
     OutOfOrderError,
@@ -35,6 +36,7 @@ __all__ = [
     "CausalLMBatcher",
     "Envoy",
     "Invoke",
+    "LateEditWarning",
     "MediatorError",
     "MissedProviderError",
     "Model",

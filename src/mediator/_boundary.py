@@ -25,7 +25,7 @@ _MISSING = object()
 class Boundary:
     """The value at the boundary the model thread stands at, and each invoke's view of it."""
 
-    __slots__ = ("interleaver", "key", "value", "views", "dirty", "skips")
+    __slots__ = ("interleaver", "key", "value", "views", "dirty", "skips", "handed")
 
     def __init__(self, interleaver: Interleaver, key: Key, value: Any) -> None:
         self.interleaver = interleaver
@@ -34,6 +34,7 @@ class Boundary:
         self.views: dict[Mediator, Any] = {}
         self.dirty = False  # views must be merged back into `value`
         self.skips: dict[Mediator, tuple[Any, str]] = {}  # value, and the user's line
+        self.handed: list[tuple[Mediator, Any]] = []  # the views given out, for late edits
 
     def view(self, mediator: Mediator) -> Any:
         """What `mediator` sees here: its rows of the value (the same object on every read)."""
@@ -48,6 +49,7 @@ class Boundary:
             if torch.is_grad_enabled() and _requires_grad(view):
                 self.dirty = True  # so the rest of the forward computes from this very view
         self.views[mediator] = view
+        self.handed.append((mediator, view))
         return view
 
     def swap(self, mediator: Mediator, apply: Callable[[Any], Any], where: str) -> None:

@@ -136,6 +136,30 @@ class _Cancelled(BaseException):
     """Raised inside a body to unwind it when its trace ends early. Never reaches users."""
 
 
+class LateEditWarning(UserWarning):
+    """A body changed a value in place after the model had already used it.
+
+    `.output` gives the real tensor, so `h[:, 0] = 0` edits what the model computes with, but
+    only while the model stands at that point. Once the body has asked for something the model
+    computes later (or waited for another invoke's name), the model has moved on: an in-place
+    edit of an earlier value then changes nothing in this forward pass. The warning names the
+    value and the line of the body's next request. Make the edit right after reading the value,
+    or `.clone()` a value you want to change for your own use; filter the warning with
+    `warnings.filterwarnings("ignore", category=mediator.LateEditWarning)`.
+
+    Example:
+
+        with model.trace(x):
+            h = model.layers[0].output
+            logits = model.output            # the model runs past layer 0 ...
+            h[:] = 0                         # ... so this edit is too late: LateEditWarning
+
+        with model.trace(x):                 # instead: edit where the value is read
+            model.layers[0].output[:] = 0
+            logits = model.output
+    """
+
+
 class _SkipBody(BaseException):
     """Raised on the first line of a with-block body so the caller does not run it itself."""
 

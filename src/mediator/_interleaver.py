@@ -350,6 +350,9 @@ class Interleaver:
             self.plan = due
             self._run_plan()
         self.current = None
+        for mediator, view in boundary.handed:
+            if not mediator.done:
+                mediator.keep_watching(key, view)
         if self.caches:
             self._record(boundary)
         return boundary
@@ -365,6 +368,7 @@ class Interleaver:
             mediator.ops = []
             mediator.waiting = None
             mediator.final_locals = mediator.result = mediator.error = None
+            mediator.past = []
             mediator.interleaver = None
         self.mediators = []
 

@@ -19,6 +19,8 @@ import types
 from collections.abc import Callable
 from typing import Any, NoReturn
 
+import torch
+
 from ._errors import MissedProviderError, OutOfOrderError, UsageError, _Cancelled, _LoopEnd
 from ._interleaver import (
     BARRIER,
@@ -34,6 +36,7 @@ from ._interleaver import (
     _Signal,
 )
 from ._torchstate import TorchState
+from ._tree import flatten
 from ._workers import POOL
 
 _local = threading.local()
@@ -80,6 +83,11 @@ class Mediator:
         self.interleaver: Interleaver | None = None
         self.waiting: Request | None = None
         self.ops: list[Op] = []
+        # tensors this body was handed at boundaries the model has passed, with their version
+        # counters as of when the body last got the baton: an in-place change made while it holds
+        # the baton came too late (`LateEditWarning`)
+        self.past: list[tuple[Key, torch.Tensor, int]] = []
+        self.late_edits: list[tuple[str, tuple[str, int] | None]] = []  # for the tracer to warn
         self.step = 0
         self.bound = self.done = self.cancelled = False
         self.result: Any = None
@@ -129,6 +137,8 @@ class Mediator:
                             raise _Cancelled
                         assert self.body is not None and self.args is not None
                         self.result = self.body(*self.args)
+                        if self.past:
+                            self._look_for_late_edits(ended=True)
                     finally:
                         with self._lock:
                             self._in_body = False
@@ -266,6 +276,35 @@ class Mediator:
         assert interleaver is not None
         return interleaver
 
+    def keep_watching(self, key: Key, view: Any) -> None:
+        """The boundary `key`, where this body was handed `view`, is over (model thread)."""
+        leaves = [view] if isinstance(view, torch.Tensor) else flatten(view)[0]
+        for leaf in leaves:
+            if isinstance(leaf, torch.Tensor) and not leaf.is_inference():
+                self.past.append((key, leaf, leaf._version))
+
+    def _look_for_late_edits(self, ended: bool) -> None:
+        """Note the values of passed boundaries that this body changed in place since it last
+        got the baton, with the body's current line (none once it `ended`) for the warning. An
+        edit of memory that the value the model stands at shares (a view, or the same tensor as
+        the next module's input) is in time and is not reported."""
+        interleaver = self.interleaver
+        assert interleaver is not None
+        shared: set[int] | None = None
+        for index, (key, leaf, version) in enumerate(self.past):
+            if leaf._version == version:
+                continue
+            self.past[index] = (key, leaf, leaf._version)
+            if shared is None:
+                shared = _storages(interleaver.current)
+            if leaf.untyped_storage().data_ptr() not in shared:
+                where = None if ended else _body_line()
+                self.late_edits.append((interleaver.describe(key), where))
+
+    def _snapshot_past(self) -> None:
+        """The body gets the baton: what the model changed meanwhile is not the body's doing."""
+        self.past = [(key, leaf, leaf._version) for key, leaf, _ in self.past]
+
     def _check_order(self, interleaver: Interleaver, key: Key) -> None:
         if interleaver.passed(key):
             here = interleaver.current
@@ -284,9 +323,13 @@ class Mediator:
     def _block(self, request: Request) -> Any:
         interleaver = self.interleaver
         assert interleaver is not None
+        if self.past:
+            self._look_for_late_edits(ended=False)
         self.waiting = request
         interleaver.pass_baton(self)
         reply = self.inbox.get()
+        if self.past:
+            self._snapshot_past()
         if type(reply) is _Signal:
             if isinstance(reply.error, _Cancelled):
                 self.cancelled = True
@@ -311,6 +354,27 @@ def async_raise(thread: threading.Thread, error: type[BaseException]) -> None:
     ident = thread.ident
     if ident is not None:
         ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(ident), ctypes.py_object(error))
+
+
+def _storages(boundary: Any) -> set[int]:
+    """Where the tensors of `boundary` (its value and every invoke's view) keep their data."""
+    if boundary is None:
+        return set()
+    values = [boundary.value, *boundary.views.values()]
+    return {
+        leaf.untyped_storage().data_ptr()
+        for value in values
+        for leaf in ([value] if isinstance(value, torch.Tensor) else flatten(value)[0])
+        if isinstance(leaf, torch.Tensor)
+    }
+
+
+def _body_line() -> tuple[str, int] | None:
+    """The file and line of the body's code that called into this package."""
+    frame: Any = sys._getframe(1)
+    while frame is not None and frame.f_code.co_filename.startswith(_HERE):
+        frame = frame.f_back
+    return None if frame is None else (frame.f_code.co_filename, frame.f_lineno)
 
 
 def _absorb_pending_interrupt() -> None:

@@ -17,6 +17,7 @@ import difflib
 import sys
 import time
 import types
+import warnings
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -24,7 +25,7 @@ import torch
 
 from ._affinity import restore_current_thread, trace_cpu
 from ._cache import Cache
-from ._errors import MediatorError, UsageError, _LoopEnd, _SkipBody, _Stop
+from ._errors import LateEditWarning, MediatorError, UsageError, _LoopEnd, _SkipBody, _Stop
 from ._frames import BodySkipper, read_names, write_names
 from ._interleaver import Barrier, Interleaver, _Abort
 from ._mediator import Mediator, _local, _user_traceback, current_mediator
@@ -520,6 +521,24 @@ class Tracer:
         if self._own is not None:
             self._own.tracer = None  # type: ignore[assignment]  # no cycle: garbage-free exit
         write_names(frame, names)
+        for mediator in mediators:
+            for what, where in mediator.late_edits:
+                _warn_late_edit(what, where or (frame.f_code.co_filename, frame.f_lineno), frame)
+            mediator.late_edits = []
+
+
+def _warn_late_edit(what: str, where: tuple[str, int], frame: types.FrameType) -> None:
+    filename, line = where
+    warnings.warn_explicit(
+        f"{what} was changed in place after the model had already used it, so the change has "
+        "no effect on this forward pass. Edit a value right after reading it, before asking for "
+        "anything the model computes later (or waiting for another invoke's name); .clone() a "
+        "value you want to change for your own use",
+        LateEditWarning,
+        filename,
+        line,
+        registry=frame.f_globals.setdefault("__warningregistry__", {}),
+    )
 
 
 class _InvokeFuture(concurrent.futures.Future):  # type: ignore[type-arg]
