@@ -4,6 +4,10 @@ A mediator turns what its body does with Envoys (`.output`, `.output = v`, `.ski
 names bound by other bodies) into the events of the protocol described in `_interleaver.py`, and
 blocks while it waits. Whatever a body does, its thread ends the body by reporting END: its
 result or its exception, which the trace raises in the caller with the body's own traceback.
+
+A mediator also watches the tensors it was handed at boundaries the model has passed: one that
+changes in place while the body holds the baton was edited too late (the model has used it), and
+the trace reports it as a `LateEditWarning`.
 """
 
 from __future__ import annotations
