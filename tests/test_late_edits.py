@@ -216,3 +216,30 @@ def test_the_warning_can_be_filtered_by_its_category() -> None:
             h = model[0].output
             model.output  # noqa: B018
             h[:] = 0
+
+
+def test_values_without_one_storage_are_not_reported_and_do_not_fail() -> None:
+    """Sparse tensors have no single storage to compare: never reported, never an error."""
+
+    class ToSparse(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x.to_sparse()
+
+    class ToDense(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x.to_dense()
+
+    net = nn.Sequential(ToSparse(), ToDense())
+    model = mediator.Model(net)
+    x = torch.randn(2, 3)
+    got = {}
+
+    def run() -> None:
+        with torch.no_grad(), model.trace(x):
+            sparse = model[0].output
+            model[1].output  # noqa: B018
+            sparse.mul_(2)
+            got["out"] = model.output
+
+    assert _late_edits(run) == []
+    torch.testing.assert_close(got["out"], x)

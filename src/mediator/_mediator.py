@@ -294,14 +294,15 @@ class Mediator:
         the next module's input) is in time and is not reported."""
         interleaver = self.interleaver
         assert interleaver is not None
-        shared: set[int] | None = None
+        shared: set[int | None] | None = None
         for index, (key, leaf, version) in enumerate(self.past):
             if leaf._version == version:
                 continue
             self.past[index] = (key, leaf, leaf._version)
             if shared is None:
                 shared = _storages(interleaver.current)
-            if leaf.untyped_storage().data_ptr() not in shared:
+            storage = _storage(leaf)
+            if storage is not None and storage not in shared:
                 where = None if ended else _body_line()
                 self.late_edits.append((interleaver.describe(key), where))
 
@@ -360,17 +361,26 @@ def async_raise(thread: threading.Thread, error: type[BaseException]) -> None:
         ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(ident), ctypes.py_object(error))
 
 
-def _storages(boundary: Any) -> set[int]:
+def _storages(boundary: Any) -> set[int | None]:
     """Where the tensors of `boundary` (its value and every invoke's view) keep their data."""
     if boundary is None:
         return set()
     values = [boundary.value, *boundary.views.values()]
     return {
-        leaf.untyped_storage().data_ptr()
+        _storage(leaf)
         for value in values
         for leaf in ([value] if isinstance(value, torch.Tensor) else flatten(value)[0])
         if isinstance(leaf, torch.Tensor)
     }
+
+
+def _storage(tensor: torch.Tensor) -> int | None:
+    """Where `tensor` keeps its data; None where torch does not say (sparse and other layouts
+    without one storage), and such a tensor is never reported."""
+    try:
+        return int(tensor.untyped_storage().data_ptr())
+    except (RuntimeError, NotImplementedError):
+        return None
 
 
 def _body_line() -> tuple[str, int] | None:
