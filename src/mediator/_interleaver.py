@@ -8,8 +8,9 @@ Threads
 The baton
     At any moment exactly one of these threads runs trace code; every other one is blocked in a
     `get()` on its own inbox. Handing over is `their_inbox.put(...)` followed at once by
-    `my_inbox.get()`. So no state below needs a lock: only the baton holder reads or writes it,
-    and a mediator holding the baton may read the current boundary and the call counters.
+    `my_inbox.get()`. So no state below needs a lock (the one exception is `handoff_lock`,
+    below): only the baton holder reads or writes it, and a mediator holding the baton may read
+    the current boundary and the call counters and carry out the plan.
 
 The plan: handing the baton on directly
     The model thread decides who runs at a point of the trace: at the start, every mediator in
@@ -78,8 +79,13 @@ Order of a trace (`run`)
     only when the baton comes back.
 
 Every wait has a way out: a mediator blocked in `get()` is always resumed (by the model thread,
-which owns the order above and finishes it in `finally`), and the model thread waits only for a
-mediator that holds the baton, which ends in a request, an END, or an exception turned into END.
+which owns the order above and finishes it in `finally`, or along a plan by the mediator before
+it), and the model thread waits only while some mediator holds the baton: each one ends in a
+request, an END, or an exception turned into END, and hands the baton on; the last of a plan, or
+any one that fails or sees `cancelling`, hands it back to the model thread.
+
+Not part of the protocol but kept by each mediator (`_mediator.py`): the tensors it was handed at
+boundaries now passed, to report an in-place edit that came too late (`LateEditWarning`).
 """
 
 from __future__ import annotations
