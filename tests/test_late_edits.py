@@ -19,9 +19,21 @@ from torch import nn
 import mediator
 
 
-def _net() -> nn.Sequential:
+@pytest.fixture
+def net() -> nn.Sequential:
+    """Layer 0's output is layer 1's input; layer 2 edits layer 1's output in place itself."""
     torch.manual_seed(0)
     return nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4), nn.ReLU(inplace=True), nn.Linear(4, 4))
+
+
+@pytest.fixture
+def model(net: nn.Sequential) -> mediator.Model:
+    return mediator.Model(net)
+
+
+@pytest.fixture
+def x() -> torch.Tensor:
+    return torch.randn(2, 4)
 
 
 def _zeroed(net: nn.Module, module: nn.Module, x: torch.Tensor, pre: bool = False) -> torch.Tensor:
@@ -43,10 +55,9 @@ def _late_edits(run: Callable[[], None]) -> list[warnings.WarningMessage]:
     return [w for w in caught if issubclass(w.category, mediator.LateEditWarning)]
 
 
-def test_an_edit_after_a_later_request_warns_at_that_request_and_changes_nothing() -> None:
-    net = _net()
-    model = mediator.Model(net)
-    x = torch.randn(2, 4)
+def test_an_edit_after_a_later_request_warns_at_that_request_and_changes_nothing(
+    net: nn.Sequential, model: mediator.Model, x: torch.Tensor
+) -> None:
     got = {}
 
     def run() -> None:
@@ -67,12 +78,11 @@ def test_an_edit_after_a_later_request_warns_at_that_request_and_changes_nothing
         torch.testing.assert_close(got["out"], net(x))  # as if the edit had not been made
 
 
-def test_an_edit_while_waiting_for_another_invokes_name_is_reported() -> None:
+def test_an_edit_while_waiting_for_another_invokes_name_is_reported(
+    net: nn.Sequential, model: mediator.Model, x: torch.Tensor
+) -> None:
     """The case that was silent: the body waits for `both`, bound after layer 1, so the model
     is past layer 0 when the body makes its edit."""
-    net = _net()
-    model = mediator.Model(net)
-    x = torch.randn(1, 4)
     got = {}
 
     def run() -> None:
@@ -90,10 +100,9 @@ def test_an_edit_while_waiting_for_another_invokes_name_is_reported() -> None:
         torch.testing.assert_close(got["out"], net(x))
 
 
-def test_an_edit_in_time_takes_effect_without_a_warning() -> None:
-    net = _net()
-    model = mediator.Model(net)
-    x = torch.randn(2, 4)
+def test_an_edit_in_time_takes_effect_without_a_warning(
+    net: nn.Sequential, model: mediator.Model, x: torch.Tensor
+) -> None:
     got = {}
 
     def run() -> None:
@@ -107,11 +116,10 @@ def test_an_edit_in_time_takes_effect_without_a_warning() -> None:
         torch.testing.assert_close(got["out"], _zeroed(net, net[0], x))
 
 
-def test_an_edit_through_the_next_modules_input_is_in_time() -> None:
+def test_an_edit_through_the_next_modules_input_is_in_time(
+    net: nn.Sequential, model: mediator.Model, x: torch.Tensor
+) -> None:
     """Layer 0's output is layer 1's input: the same memory, edited where the model stands."""
-    net = _net()
-    model = mediator.Model(net)
-    x = torch.randn(2, 4)
     got = {}
 
     def run() -> None:
@@ -125,11 +133,10 @@ def test_an_edit_through_the_next_modules_input_is_in_time() -> None:
         torch.testing.assert_close(got["out"], _zeroed(net, net[1], x, pre=True))
 
 
-def test_the_models_own_in_place_ops_are_not_the_bodys_edits() -> None:
+def test_the_models_own_in_place_ops_are_not_the_bodys_edits(
+    net: nn.Sequential, model: mediator.Model, x: torch.Tensor
+) -> None:
     """ReLU(inplace=True) changes layer 1's output after the body read it."""
-    net = _net()
-    model = mediator.Model(net)
-    x = torch.randn(2, 4)
     seen = {}
 
     def run() -> None:
@@ -143,10 +150,9 @@ def test_the_models_own_in_place_ops_are_not_the_bodys_edits() -> None:
         assert (seen["h"] >= 0).all()  # the real tensor, changed by the model's in-place ReLU
 
 
-def test_an_edit_after_the_last_request_is_reported_at_the_trace() -> None:
-    net = _net()
-    model = mediator.Model(net)
-    x = torch.randn(2, 4)
+def test_an_edit_after_the_last_request_is_reported_at_the_trace(
+    net: nn.Sequential, model: mediator.Model, x: torch.Tensor
+) -> None:
 
     def run() -> None:
         with torch.no_grad(), model.trace(x):
@@ -158,10 +164,9 @@ def test_an_edit_after_the_last_request_is_reported_at_the_trace() -> None:
     assert len(caught) == 1 and caught[0].filename == __file__
 
 
-def test_only_the_invoke_that_edited_late_is_reported() -> None:
-    net = _net()
-    model = mediator.Model(net)
-    x = torch.randn(2, 4)
+def test_only_the_invoke_that_edited_late_is_reported(
+    net: nn.Sequential, model: mediator.Model, x: torch.Tensor
+) -> None:
     got = {}
 
     def run() -> None:
@@ -182,11 +187,10 @@ def test_only_the_invoke_that_edited_late_is_reported() -> None:
         torch.testing.assert_close(got["second"], net(x[1:]))
 
 
-def test_inference_mode_values_are_not_watched() -> None:
+def test_inference_mode_values_are_not_watched(
+    net: nn.Sequential, model: mediator.Model, x: torch.Tensor
+) -> None:
     """Inference tensors keep no version counter: nothing to compare, and nothing fails."""
-    net = _net()
-    model = mediator.Model(net)
-    x = torch.randn(2, 4)
     got = {}
 
     def run() -> None:
@@ -200,10 +204,9 @@ def test_inference_mode_values_are_not_watched() -> None:
         torch.testing.assert_close(got["out"], net(x))
 
 
-def test_the_warning_can_be_filtered_by_its_category() -> None:
-    net = _net()
-    model = mediator.Model(net)
-    x = torch.randn(2, 4)
+def test_the_warning_can_be_filtered_by_its_category(
+    net: nn.Sequential, model: mediator.Model, x: torch.Tensor
+) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         warnings.filterwarnings("ignore", category=mediator.LateEditWarning)
