@@ -416,8 +416,20 @@ def test_cache_named_modules_with_inputs(net, model, x):
         assert len(args) == len(want_args) == 1 and kwargs == want_kwargs == {}
         assert torch.equal(args[0], want_args[0]), path
         assert torch.equal(cache[path][0], recorder.outputs[path][0]), path
-    with pytest.raises(KeyError):
+    with pytest.raises(KeyError, match=r"'layers\.1' is not a module whose outputs"):
         cache["layers.1"]
+    with pytest.raises(KeyError, match=r"inputs this cache records\. Closest: 'layers\.2'"):
+        cache.inputs["layers.3"]
+    assert list(cache.inputs) == ["layers.0", "layers.2"]
+    assert list(cache.inputs.values()) == [cache.inputs["layers.0"], cache.inputs["layers.2"]]
+
+
+def test_cache_without_inputs_says_how_to_record_them(model, x):
+    with model.trace(x) as tr:
+        cache = tr.cache()
+    assert len(cache["layers.0"]) == 1
+    with pytest.raises(KeyError, match="records no inputs: open it with inputs=True"):
+        cache.inputs["layers.0"]
 
 
 def test_cache_one_entry_per_call(lnet, pair):

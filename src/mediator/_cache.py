@@ -13,13 +13,47 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 
+class _Calls(Mapping[str, list[Any]]):
+    """Recorded values by module path, one list per module, one entry per call; a path that is
+    not there is explained (closest recorded paths, or why nothing is recorded)."""
+
+    def __init__(self, paths: dict[int, str], what: str, missing: str = "") -> None:
+        self.paths = paths  # site -> path, for the modules the cache records
+        self.recorded: dict[str, list[Any]] = {}
+        self._what = what  # "outputs" or "inputs", for errors
+        self._missing = missing  # why nothing at all is recorded, if so
+
+    def __getitem__(self, path: str) -> list[Any]:
+        if path in self.recorded:
+            return self.recorded[path]
+        if self._missing:
+            raise KeyError(f"{path!r}: {self._missing}")
+        known = list(self.paths.values())
+        if path in known:
+            raise KeyError(f"{path!r} is cached but was not called after the cache was opened")
+        close = difflib.get_close_matches(path, known, n=3, cutoff=0.5)
+        hint = f" Closest: {', '.join(map(repr, close))}." if close else ""
+        raise KeyError(f"{path!r} is not a module whose {self._what} this cache records.{hint}")
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.recorded)
+
+    def __len__(self) -> int:
+        return len(self.recorded)
+
+    def __repr__(self) -> str:
+        calls = ", ".join(f"{path}: {len(values)}" for path, values in self.recorded.items())
+        return f"{{{calls}}}"
+
+
 class Cache(Mapping[str, list[Any]]):
-    """Outputs by module path, one entry per call: `cache["layers.0"][0]`. With
-    `inputs=True`, `cache.inputs[path]` holds `(args, kwargs)` per call too.
+    """Outputs by module path, one entry per call: `cache["layers.0"]`. With `inputs=True`,
+    `cache.inputs[path]` holds `(args, kwargs)` per call too.
 
     What `tr.cache(...)` returns. It is a read-only mapping (`in`, `keys()`, `items()`,
     `len()`) over the modules that have been called since it was opened; the values are the
-    ones the rest of the forward saw, after every intervention.
+    ones the rest of the forward saw, after every intervention. `cache.inputs` is the same kind
+    of mapping; a path either one lacks raises `KeyError` naming the closest recorded ones.
 
     Example:
 
@@ -34,8 +68,9 @@ class Cache(Mapping[str, list[Any]]):
         self.paths = paths  # site -> path, for the modules this cache records
         self.rows = rows
         self.record_inputs = inputs
-        self.outputs: dict[str, list[Any]] = {}
-        self.inputs: dict[str, list[Any]] = {}
+        self.outputs = _Calls(paths, "outputs")
+        missing = "" if inputs else "this cache records no inputs: open it with inputs=True"
+        self.inputs = _Calls(paths, "inputs", missing)
 
     def __getitem__(self, path: str) -> list[Any]:
         """The recorded outputs of the module at `path`, one per call, in call order.
@@ -47,14 +82,7 @@ class Cache(Mapping[str, list[Any]]):
 
             first = cache["layers.0"][0]            # the output of layers.0's first call
         """
-        if path in self.outputs:
-            return self.outputs[path]
-        known = list(self.paths.values())
-        if path in known:
-            raise KeyError(f"{path!r} is cached but was not called after the cache was opened")
-        close = difflib.get_close_matches(path, known, n=3, cutoff=0.5)
-        hint = f" Closest: {', '.join(map(repr, close))}." if close else ""
-        raise KeyError(f"{path!r} is not a module this cache records.{hint}")
+        return self.outputs[path]
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.outputs)
@@ -63,8 +91,7 @@ class Cache(Mapping[str, list[Any]]):
         return len(self.outputs)
 
     def __repr__(self) -> str:
-        calls = ", ".join(f"{path}: {len(values)}" for path, values in self.outputs.items())
-        return f"Cache({{{calls}}})"
+        return f"Cache({self.outputs!r})"
 
     def record(self, site: int, output: bool, value: Any) -> None:
         """Append `value` (already narrowed to this cache's rows) for `site`.
@@ -76,5 +103,5 @@ class Cache(Mapping[str, list[Any]]):
 
             cache.record(site, True, output)            # cache[path] gets one more entry
         """
-        path = self.paths[site]
-        (self.outputs if output else self.inputs).setdefault(path, []).append(value)
+        calls = self.outputs if output else self.inputs
+        calls.recorded.setdefault(self.paths[site], []).append(value)
