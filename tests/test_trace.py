@@ -232,6 +232,8 @@ def test_module_list_envoy_is_a_sequence(model, net):
         model.layers[4]
     with pytest.raises(IndexError):
         model.layers[-5]
+    assert [e.path for e in model.layers[1:3]] == ["layers.1", "layers.2"]
+    assert isinstance(model.layers[1:3], tuple)
 
 
 def test_child_by_string_name(model, net):
@@ -377,6 +379,30 @@ def test_set_inputs_needs_args_and_kwargs(model, x):
     with pytest.raises(TypeError, match="inputs"):
         with model.trace(x):
             model.layers[3].inputs = x
+
+
+class DictInput(nn.Module):
+    """Takes its input as a dict under a keyword, as some models take `inputs={...}`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(8, 8)
+
+    def forward(self, *, inputs: dict[str, torch.Tensor], scale: float = 1.0) -> torch.Tensor:
+        return self.proj(inputs["x"]) * scale
+
+
+def test_a_keyword_holding_tensors_makes_the_trace_its_own_invoke(x):
+    """`model.trace(inputs={"x": t})` has inputs (a tensor inside a dict): the with-body is the
+    single invoke, not a trace of several with `inputs` as a call option."""
+    torch.manual_seed(0)
+    net = DictInput()
+    model = mediator.Model(net)
+    with model.trace(inputs={"x": x}, scale=2.0):
+        h = model.proj.output
+        out = model.output
+    torch.testing.assert_close(h, net.proj(x))
+    torch.testing.assert_close(out, net(inputs={"x": x}, scale=2.0))
 
 
 def test_keyword_only_call_input(x):

@@ -13,7 +13,7 @@ import inspect
 import os
 import sys
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, overload
 
 from torch import nn
 
@@ -116,9 +116,15 @@ class Envoy:
         else:
             setattr(self._module, name, value)
 
-    def __getitem__(self, key: int | str) -> Envoy:
+    @overload
+    def __getitem__(self, key: int | str) -> Envoy: ...
+
+    @overload
+    def __getitem__(self, key: slice) -> tuple[Envoy, ...]: ...
+
+    def __getitem__(self, key: int | str | slice) -> Envoy | tuple[Envoy, ...]:
         """A child by position (`model.layers[0]`, negative too) or by name (`block["output"]`,
-        also for children whose names clash with the Envoy API).
+        also for children whose names clash with the Envoy API); a slice gives a tuple of them.
 
         An unknown name raises `KeyError` naming the closest real children; a position out of
         range raises `IndexError`.
@@ -126,6 +132,7 @@ class Envoy:
         Example:
 
             first, last = model.layers[0], model.layers[-1]
+            early = model.layers[:2]        # a tuple of the first two Envoys
             proj = block["output"]          # a child named "output", not the block's .output
         """
         children = self._children

@@ -32,6 +32,7 @@ from ._mediator import Mediator, _local, _user_traceback, current_mediator
 from ._source import BodySource, capture, compile_body
 from ._tap import attach, detach
 from ._torchstate import TorchState
+from ._tree import flatten
 
 if TYPE_CHECKING:
     from ._envoy import Model
@@ -203,7 +204,7 @@ class Tracer:
         self.model = model
         self._method = method
         self._invokes: list[Invoke] = []
-        own = bool(args) or any(isinstance(v, torch.Tensor) for v in kwargs.values())
+        own = bool(args) or any(_holds_tensor(value) for value in kwargs.values())
         self._own = Invoke(self, args, kwargs) if own else None
         self._options = {} if own else kwargs  # call options for a trace of several invokes
         self._caches: list[Cache] = []  # opened in the trace's block, before it runs
@@ -525,6 +526,14 @@ class Tracer:
             for what, where in mediator.late_edits:
                 _warn_late_edit(what, where or (frame.f_code.co_filename, frame.f_lineno), frame)
             mediator.late_edits = []
+
+
+def _holds_tensor(value: Any) -> bool:
+    """Whether a keyword given to `model.trace(...)` is an input (a tensor, or a tuple, list,
+    dict or dataclass holding one) rather than a call option such as `output_hidden_states`."""
+    if isinstance(value, torch.Tensor):
+        return True
+    return any(isinstance(leaf, torch.Tensor) for leaf in flatten(value)[0])
 
 
 def _warn_late_edit(what: str, where: tuple[str, int], frame: types.FrameType) -> None:
