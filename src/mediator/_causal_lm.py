@@ -69,6 +69,14 @@ class CausalLMBatcher(Batcher):
         masked = any("attention_mask" in entry[1] for entry in given)
         if len(given) < 2 or (len(lengths) == 1 and not masked):
             return super().batch(prompts, generate)
+        for index, entry in enumerate(prompts):
+            if entry is not None and any(isinstance(arg, torch.Tensor) for arg in entry[0]):
+                raise ShapeError(
+                    f"invoke {index} passes a tensor as a positional argument after input_ids; "
+                    "prompts of different lengths are left-padded, which is done for input_ids "
+                    "and for an attention_mask given by keyword: pass "
+                    "tr.invoke(input_ids, attention_mask=mask)"
+                )
         longest = max(lengths)
         padded = [None if entry is None else self._pad(entry, longest) for entry in prompts]
         (args, kwargs), rows, total = super().batch(padded, generate)
