@@ -594,3 +594,14 @@ def test_generation_with_an_open_loop_leaves_no_reference_cycles():
         assert len(logits) == 3 and tokens.shape == (1, 8)
 
     assert _garbage_cycles_of(run) == []
+
+
+def test_a_value_the_body_dropped_is_freed_while_the_trace_runs(model, x):
+    """The late-edit check watches values weakly: one the body no longer holds goes as soon as
+    the model is done with it, not at the end of the trace (long generations read a lot)."""
+    alive = {}
+    with torch.no_grad(), model.trace(x):
+        first = weakref.ref(model.layers[0].output)
+        model.layers[2].output  # noqa: B018 - the model has moved past layer 0 (and layer 1)
+        alive["layer 0 output"] = first() is not None
+    assert alive == {"layer 0 output": False}

@@ -20,6 +20,7 @@ import queue
 import sys
 import threading
 import types
+import weakref
 from collections.abc import Callable
 from typing import Any, NoReturn
 
@@ -87,10 +88,10 @@ class Mediator:
         self.interleaver: Interleaver | None = None
         self.waiting: Request | None = None
         self.ops: list[Op] = []
-        # tensors this body was handed at boundaries the model has passed, with their version
-        # counters as of when the body last got the baton: an in-place change made while it holds
-        # the baton came too late (`LateEditWarning`)
-        self.past: list[tuple[Key, torch.Tensor, int]] = []
+        # tensors this body was handed at boundaries the model has passed (weakly: a value the body
+        # dropped is freed as before), with their version counters as of when the body last got
+        # the baton: an in-place change made while it holds the baton came too late
+        self.past: list[tuple[Key, weakref.ref[torch.Tensor], int]] = []
         self.late_edits: list[tuple[str, tuple[str, int] | None]] = []  # for the tracer to warn
         self.step = 0
         self.bound = self.done = self.cancelled = False
@@ -285,7 +286,7 @@ class Mediator:
         leaves = [view] if isinstance(view, torch.Tensor) else flatten(view)[0]
         for leaf in leaves:
             if isinstance(leaf, torch.Tensor) and not leaf.is_inference():
-                self.past.append((key, leaf, leaf._version))
+                self.past.append((key, weakref.ref(leaf), leaf._version))
 
     def _look_for_late_edits(self, ended: bool) -> None:
         """Note the values of passed boundaries that this body changed in place since it last
@@ -295,10 +296,11 @@ class Mediator:
         interleaver = self.interleaver
         assert interleaver is not None
         shared: set[int | None] | None = None
-        for index, (key, leaf, version) in enumerate(self.past):
-            if leaf._version == version:
+        for index, (key, ref, version) in enumerate(self.past):
+            leaf = ref()
+            if leaf is None or leaf._version == version:
                 continue
-            self.past[index] = (key, leaf, leaf._version)
+            self.past[index] = (key, ref, leaf._version)
             if shared is None:
                 shared = _storages(interleaver.current)
             storage = _storage(leaf)
@@ -308,7 +310,8 @@ class Mediator:
 
     def _snapshot_past(self) -> None:
         """The body gets the baton: what the model changed meanwhile is not the body's doing."""
-        self.past = [(key, leaf, leaf._version) for key, leaf, _ in self.past]
+        live = ((key, ref, ref()) for key, ref, _ in self.past)
+        self.past = [(key, ref, leaf._version) for key, ref, leaf in live if leaf is not None]
 
     def _check_order(self, interleaver: Interleaver, key: Key) -> None:
         if interleaver.passed(key):
