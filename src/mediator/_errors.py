@@ -143,8 +143,10 @@ class LateEditWarning(UserWarning):
     only while the model stands at that point. Once the body has asked for something the model
     computes later (or waited for another invoke's name), the model has moved on: an in-place
     edit of an earlier value then changes nothing in this forward pass. The warning names the
-    value and the line of the body's next request. Make the edit right after reading the value,
-    or `.clone()` a value you want to change for your own use; filter the warning with
+    value and the line of the body's next request. It covers edits made in the stretch of code
+    right after the model moved past the value (where this mistake happens); an old value
+    edited further on is not watched. Make the edit right after reading the value, or
+    `.clone()` a value you want to change for your own use; filter the warning with
     `warnings.filterwarnings("ignore", category=mediator.LateEditWarning)`.
 
     Example:

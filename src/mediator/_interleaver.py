@@ -85,7 +85,8 @@ request, an END, or an exception turned into END, and hands the baton on; the la
 any one that fails or sees `cancelling`, hands it back to the model thread.
 
 Not part of the protocol but kept by each mediator (`_mediator.py`): the tensors it was handed at
-boundaries now passed, to report an in-place edit that came too late (`LateEditWarning`).
+a boundary passed while it waited, to report an in-place edit that came too late
+(`LateEditWarning`).
 """
 
 from __future__ import annotations

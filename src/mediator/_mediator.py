@@ -5,9 +5,9 @@ names bound by other bodies) into the events of the protocol described in `_inte
 blocks while it waits. Whatever a body does, its thread ends the body by reporting END: its
 result or its exception, which the trace raises in the caller with the body's own traceback.
 
-A mediator also watches the tensors it was handed at boundaries the model has passed: one that
-changes in place while the body holds the baton was edited too late (the model has used it), and
-the trace reports it as a `LateEditWarning`.
+A mediator also watches the tensors it was handed at a boundary the model passed while the body
+waited: one that changes in place before the body hands the baton on again was edited too late
+(the model has used it), and the trace reports it as a `LateEditWarning`.
 """
 
 from __future__ import annotations
@@ -88,9 +88,10 @@ class Mediator:
         self.interleaver: Interleaver | None = None
         self.waiting: Request | None = None
         self.ops: list[Op] = []
-        # tensors this body was handed at boundaries the model has passed (weakly: a value the body
-        # dropped is freed as before), with their version counters as of when the body last got
-        # the baton: an in-place change made while it holds the baton came too late
+        # tensors this body was handed at boundaries the model passed while it waited (weakly: a
+        # value the body dropped is freed as before), with their version counters as of when it
+        # got the baton back: an in-place change before it hands the baton on came too late.
+        # Each value is watched for that one stretch, so a handoff costs what it was handed.
         self.past: list[tuple[Key, weakref.ref[torch.Tensor], int]] = []
         self.late_edits: list[tuple[str, tuple[str, int] | None]] = []  # for the tracer to warn
         self.step = 0
@@ -289,24 +290,24 @@ class Mediator:
                 self.past.append((key, weakref.ref(leaf), leaf._version))
 
     def _look_for_late_edits(self, ended: bool) -> None:
-        """Note the values of passed boundaries that this body changed in place since it last
-        got the baton, with the body's current line (none once it `ended`) for the warning. An
-        edit of memory that the value the model stands at shares (a view, or the same tensor as
-        the next module's input) is in time and is not reported."""
+        """Note the values of passed boundaries that this body changed in place since it got
+        the baton back, with the body's current line (none once it `ended`) for the warning, and
+        stop watching them. An edit of memory that the value the model stands at shares (a view,
+        or the same tensor as the next module's input) is in time and is not reported."""
         interleaver = self.interleaver
         assert interleaver is not None
         shared: set[int | None] | None = None
-        for index, (key, ref, version) in enumerate(self.past):
+        for key, ref, version in self.past:
             leaf = ref()
             if leaf is None or leaf._version == version:
                 continue
-            self.past[index] = (key, ref, leaf._version)
             if shared is None:
                 shared = _storages(interleaver.current)
             storage = _storage(leaf)
             if storage is not None and storage not in shared:
                 where = None if ended else _body_line()
                 self.late_edits.append((interleaver.describe(key), where))
+        self.past = []
 
     def _snapshot_past(self) -> None:
         """The body gets the baton: what the model changed meanwhile is not the body's doing."""
