@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ._tree import flatten
+from ._tree import tensors
 
 if TYPE_CHECKING:
     from ._interleaver import Interleaver, Key
@@ -82,6 +82,4 @@ class Boundary:
 
 
 def _requires_grad(value: Any) -> bool:
-    if isinstance(value, torch.Tensor):
-        return value.requires_grad
-    return any(isinstance(leaf, torch.Tensor) and leaf.requires_grad for leaf in flatten(value)[0])
+    return any(leaf.requires_grad for leaf in tensors(value))

@@ -41,7 +41,7 @@ from ._interleaver import (
     _Signal,
 )
 from ._torchstate import TorchState
-from ._tree import flatten
+from ._tree import tensors
 from ._workers import POOL
 
 _local = threading.local()
@@ -284,9 +284,8 @@ class Mediator:
 
     def keep_watching(self, key: Key, view: Any) -> None:
         """The boundary `key`, where this body was handed `view`, is over (model thread)."""
-        leaves = [view] if isinstance(view, torch.Tensor) else flatten(view)[0]
-        for leaf in leaves:
-            if isinstance(leaf, torch.Tensor) and not leaf.is_inference():
+        for leaf in tensors(view):
+            if not leaf.is_inference():
                 self.past.append((key, weakref.ref(leaf), leaf._version))
 
     def _look_for_late_edits(self, ended: bool) -> None:
@@ -370,12 +369,7 @@ def _storages(boundary: Any) -> set[int | None]:
     if boundary is None:
         return set()
     values = [boundary.value, *boundary.views.values()]
-    return {
-        _storage(leaf)
-        for value in values
-        for leaf in ([value] if isinstance(value, torch.Tensor) else flatten(value)[0])
-        if isinstance(leaf, torch.Tensor)
-    }
+    return {_storage(leaf) for value in values for leaf in tensors(value)}
 
 
 def _storage(tensor: torch.Tensor) -> int | None:

@@ -21,8 +21,6 @@ import warnings
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
-import torch
-
 from ._affinity import restore_current_thread, trace_cpu
 from ._cache import Cache
 from ._errors import LateEditWarning, MediatorError, UsageError, _LoopEnd, _SkipBody, _Stop
@@ -32,7 +30,7 @@ from ._mediator import Mediator, _local, _user_traceback, current_mediator
 from ._source import BodySource, capture, compile_body
 from ._tap import attach, detach
 from ._torchstate import TorchState
-from ._tree import flatten
+from ._tree import tensors
 
 if TYPE_CHECKING:
     from ._envoy import Model
@@ -531,9 +529,7 @@ class Tracer:
 def _holds_tensor(value: Any) -> bool:
     """Whether a keyword given to `model.trace(...)` is an input (a tensor, or a tuple, list,
     dict or dataclass holding one) rather than a call option such as `output_hidden_states`."""
-    if isinstance(value, torch.Tensor):
-        return True
-    return any(isinstance(leaf, torch.Tensor) for leaf in flatten(value)[0])
+    return bool(tensors(value))
 
 
 def _warn_late_edit(what: str, where: tuple[str, int], frame: types.FrameType) -> None:

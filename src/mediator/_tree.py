@@ -71,6 +71,14 @@ def _flatten_into(value: Any, leaves: list[Any]) -> Callable[[list[Any]], Any]:
     return _leaf
 
 
+def tensors(value: Any) -> list[torch.Tensor]:
+    """The tensors among the leaves of `value` (the value itself if it is one), without
+    building a rebuild function when it is a plain tensor."""
+    if isinstance(value, torch.Tensor):
+        return [value]
+    return [leaf for leaf in flatten(value)[0] if isinstance(leaf, torch.Tensor)]
+
+
 def describe(value: Any) -> str:
     """A short human description of a value: `tensor[2, 5] float32` or `tuple of 3`."""
     if isinstance(value, torch.Tensor):
