@@ -20,7 +20,7 @@ import pytest
 
 import mediator
 from mediator._cache import Cache
-from mediator._tracer import Steps
+from mediator._steps import Steps
 
 EXEMPT = {"models"}  # the module of built-in models: its public names are collected below
 RETURNED = (Cache, Steps)  # public classes reached through the API rather than by name

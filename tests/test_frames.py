@@ -18,7 +18,7 @@ import weakref
 
 import pytest
 
-from mediator._errors import _SkipBody
+from mediator._protocol import SkipBody
 from mediator._frames import BodySkipper, read_names, write_names
 
 SRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src", "mediator")
@@ -236,7 +236,7 @@ class _Skip:
 
     def __exit__(self, kind, error, tb) -> bool:
         self.skipper.restore()
-        return kind is _SkipBody
+        return kind is SkipBody
 
 
 def test_body_skipper_skips_a_body_and_restores_tracing():
@@ -315,6 +315,7 @@ _CHECK = textwrap.dedent(
         return module
 
     errors = load("_errors")
+    protocol = load("_protocol")
     frames = load("_frames")
     assert frames._PEP_667 == (sys.version_info >= (3, 13))
 
@@ -376,7 +377,7 @@ _CHECK = textwrap.dedent(
                 self.skipper = frames.BodySkipper(frame, line, line, 0, False)
             def __exit__(self, kind, error, tb):
                 self.skipper.restore()
-                return kind is errors._SkipBody
+                return kind is protocol.SkipBody
         ran = []
         with Skip():
             ran.append("body")

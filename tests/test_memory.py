@@ -37,9 +37,12 @@ from torch import nn
 import mediator
 from mediator import MissedProviderError, OutOfOrderError, _workers
 from mediator._cache import Cache
-from mediator._interleaver import Barrier, Boundary, Interleaver, Op, Request, _Signal
+from mediator._barrier import Barrier
+from mediator._boundary import Boundary
+from mediator._interleaver import Interleaver
 from mediator._mediator import Mediator
-from mediator._tracer import Invoke, Tracer, _InvokeFuture
+from mediator._protocol import Op, Request, Signal
+from mediator._tracer import Invoke, InvokeFuture, Tracer
 
 SOAK_TRACES = int(os.environ.get("MEDIATOR_SOAK_TRACES", "1000"))
 
@@ -49,12 +52,12 @@ MEDIATOR_CLASSES = (
     Boundary,
     Tracer,
     Invoke,
-    _InvokeFuture,
+    InvokeFuture,
     Barrier,
     Cache,
     Request,
     Op,
-    _Signal,
+    Signal,
 )
 
 

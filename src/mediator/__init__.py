@@ -15,6 +15,7 @@ Example:
 """
 
 from . import models
+from ._barrier import Barrier
 from ._batcher import Batcher
 from ._causal_lm import CausalLMBatcher
 from ._envoy import Envoy, Model
@@ -27,7 +28,6 @@ from ._errors import (
     SourceUnavailableError,
     UsageError,
 )
-from ._interleaver import Barrier
 from ._tracer import Invoke, Tracer
 
 __all__ = [

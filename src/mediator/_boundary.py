@@ -16,8 +16,9 @@ import torch
 from ._tree import tensors
 
 if TYPE_CHECKING:
-    from ._interleaver import Interleaver, Key
+    from ._interleaver import Interleaver
     from ._mediator import Mediator
+    from ._protocol import Key
 
 _MISSING = object()
 

@@ -8,9 +8,10 @@ never copies, and nothing after the trace but what the user's names reach.
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Iterator, Mapping
 from typing import Any
+
+from ._names import closest_hint
 
 
 class _Calls(Mapping[str, list[Any]]):
@@ -31,8 +32,7 @@ class _Calls(Mapping[str, list[Any]]):
         known = list(self.paths.values())
         if path in known:
             raise KeyError(f"{path!r} is cached but was not called after the cache was opened")
-        close = difflib.get_close_matches(path, known, n=3, cutoff=0.5)
-        hint = f" Closest: {', '.join(map(repr, close))}." if close else ""
+        hint = closest_hint(path, known)
         raise KeyError(f"{path!r} is not a module whose {self._what} this cache records.{hint}")
 
     def __iter__(self) -> Iterator[str]:

@@ -8,35 +8,24 @@ Envoy calls its module plainly, without interventions.
 
 from __future__ import annotations
 
-import difflib
 import inspect
-import os
-import sys
 from collections.abc import Iterator
 from typing import Any, overload
 
 from torch import nn
 
+from . import _context
 from ._batcher import Batcher
+from ._callsite import user_location
 from ._causal_lm import CausalLMBatcher
 from ._errors import UsageError
-from ._interleaver import INPUT, OUTPUT, Key
-from ._mediator import Mediator, _local, current_mediator
-from ._tap import Tap
+from ._mediator import Mediator
+from ._names import closest_hint
+from ._protocol import INPUT, OUTPUT, Key
+from ._traced import Traced
 from ._tracer import Tracer
 
 _API = ("output", "input", "inputs", "path")
-
-
-_HERE = os.path.dirname(__file__)
-
-
-def _where() -> str:
-    """The user's file and line that made the current request (for errors raised later)."""
-    frame: Any = sys._getframe(1)
-    while frame is not None and frame.f_code.co_filename.startswith(_HERE):
-        frame = frame.f_back
-    return f"{frame.f_code.co_filename}:{frame.f_lineno}" if frame is not None else "?"
 
 
 class Envoy:
@@ -71,7 +60,7 @@ class Envoy:
         object.__setattr__(self, "_module", module)
         object.__setattr__(self, "_path", path)
         object.__setattr__(self, "_model", model)
-        object.__setattr__(self, "_site", model._sites.get(id(module)))
+        object.__setattr__(self, "_site", model._traced.sites.get(id(module)))
         children = {
             name: Envoy(child, f"{path}.{name}" if path else name, model)
             for name, child in module.named_children()
@@ -181,8 +170,7 @@ class Envoy:
         module = self._module
         known = [*self._children, *module._parameters, *module._buffers]
         known += [n for n in vars(module) if not n.startswith("_")]
-        close = difflib.get_close_matches(name, known, n=3, cutoff=0.5)
-        hint = f" Did you mean: {', '.join(repr(c) for c in close)}?" if close else ""
+        hint = closest_hint(name, known, question=True)
         children = ", ".join(self._children) or "none"
         return (
             f"{self._label()} ({type(self._module).__name__}) has no child or attribute "
@@ -192,7 +180,7 @@ class Envoy:
     # -- interventions ------------------------------------------------------------------------
 
     def _request(self, what: str, kind: int) -> tuple[Mediator, Key]:
-        mediator = _local.__dict__.get("mediator") or current_mediator(f"{self._label()}.{what}")
+        mediator = _context.current() or _context.require(f"{self._label()}.{what}")
         if mediator.tracer.model is not self._model:
             raise UsageError(
                 f"{self._label()}.{what} belongs to another Model than the one this invoke "
@@ -232,7 +220,7 @@ class Envoy:
     @output.setter
     def output(self, value: Any) -> None:
         mediator, key = self._request("output", OUTPUT)
-        mediator.swap(key, lambda old: value, _where())
+        mediator.swap(key, lambda old: value, user_location())
 
     @property
     def inputs(self) -> tuple[tuple[Any, ...], dict[str, Any]]:
@@ -261,7 +249,7 @@ class Envoy:
             raise TypeError(
                 f"{self._label()}.inputs must be set to (args, kwargs), e.g. ((x,), {{}})"
             ) from None
-        mediator.swap(key, lambda old: new, _where())
+        mediator.swap(key, lambda old: new, user_location())
 
     @property
     def input(self) -> Any:
@@ -298,7 +286,7 @@ class Envoy:
                 return (args, {**kwargs, first: value})
             raise UsageError(f"{label} was called without arguments: it has no .input to set")
 
-        mediator.swap(key, replace_first, _where())
+        mediator.swap(key, replace_first, user_location())
 
     def skip(self, value: Any) -> None:
         """Do not run this module for this invoke: `value` is its output.
@@ -315,7 +303,7 @@ class Envoy:
                 out = model.output
         """
         mediator, key = self._request("skip()", INPUT)
-        mediator.skip(key, value, _where())
+        mediator.skip(key, value, user_location())
 
 
 class Model(Envoy):
@@ -344,20 +332,8 @@ class Model(Envoy):
     ) -> None:
         if not isinstance(module, nn.Module):
             raise TypeError(f"mediator.Model wraps a torch.nn.Module, got {type(module).__name__}")
-        paths: list[str] = []
-        taps: list[Tap] = []
-        sites: dict[int, int] = {}
-        for path, sub in module.named_modules():
-            if id(sub) in sites or type(sub).forward is nn.Module.forward:
-                continue
-            sites[id(sub)] = len(paths)
-            paths.append(path)
-            taps.append(Tap(sub))
-        object.__setattr__(self, "_sites", sites)
-        object.__setattr__(self, "_paths", paths)
-        object.__setattr__(self, "_taps", taps)
-        object.__setattr__(self, "_batcher", batcher or _default_batcher(module))
-        object.__setattr__(self, "_pin_threads", pin_threads)
+        traced = Traced.of(module, batcher or _default_batcher(module), pin_threads)
+        object.__setattr__(self, "_traced", traced)
         super().__init__(module, "", self)
 
     def trace(self, *args: Any, **kwargs: Any) -> Tracer:
@@ -380,7 +356,7 @@ class Model(Envoy):
                     model.layers[3].output = clean_h
                     patched = model.output
         """
-        return Tracer(self, args, kwargs)
+        return Tracer(self, self._traced, args, kwargs)
 
     def generate(self, *args: Any, **kwargs: Any) -> Tracer:
         """A trace of the module's own `generate` (Hugging Face style). Step 0 is the forward
@@ -404,7 +380,7 @@ class Model(Envoy):
                 f"{type(self._module).__name__} has no generate() method; use model.trace(...) "
                 "for a forward pass"
             )
-        return Tracer(self, args, kwargs, method="generate")
+        return Tracer(self, self._traced, args, kwargs, method="generate")
 
 
 def _default_batcher(module: nn.Module) -> Batcher:

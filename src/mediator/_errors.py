@@ -132,10 +132,6 @@ class SourceUnavailableError(UsageError):
     """
 
 
-class _Cancelled(BaseException):
-    """Raised inside a body to unwind it when its trace ends early. Never reaches users."""
-
-
 class LateEditWarning(UserWarning):
     """A body changed a value in place after the model had already used it.
 
@@ -160,15 +156,3 @@ class LateEditWarning(UserWarning):
             model.layers[0].output[:] = 0
             logits = model.output
     """
-
-
-class _SkipBody(BaseException):
-    """Raised on the first line of a with-block body so the caller does not run it itself."""
-
-
-class _LoopEnd(BaseException):
-    """Ends an open `tr.iter[a:]` loop: the traced call returned before the next step."""
-
-
-class _Stop(BaseException):
-    """Unwinds the forward pass after `tr.stop()`."""

@@ -9,7 +9,7 @@ with every local of the function; we empty it again (the next `locals()` refills
 no activation alive after the user deletes a name.
 
 The caller must not run the body itself: `skip_body` makes the body's first line raise
-`_SkipBody`, which the `with` statement's `__exit__` swallows. Tracing functions are per thread
+`SkipBody`, which the `with` statement's `__exit__` swallows. Tracing functions are per thread
 and shared with debuggers and coverage tools, so whatever was installed before is restored.
 """
 
@@ -22,7 +22,8 @@ import types
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from ._errors import UsageError, _SkipBody
+from ._errors import UsageError
+from ._protocol import SkipBody
 
 _PEP_667 = sys.version_info >= (3, 13)
 
@@ -55,7 +56,7 @@ def write_names(frame: types.FrameType, values: dict[str, Any]) -> None:
 
 
 class BodySkipper:
-    """Makes `frame` raise `_SkipBody` when it reaches the body (its first line in
+    """Makes `frame` raise `SkipBody` when it reaches the body (its first line in
     `first..last`, or, for a body on the header's own line, its first instruction from column
     `column` on); `restore()` puts the thread's and the frame's tracing back as they were.
 
@@ -94,7 +95,7 @@ class BodySkipper:
 
 
 class _SkipAtLine:
-    """Local trace function: raise `_SkipBody` on the first line event inside the body."""
+    """Local trace function: raise `SkipBody` on the first line event inside the body."""
 
     __slots__ = ("first", "last")
 
@@ -103,12 +104,12 @@ class _SkipAtLine:
 
     def __call__(self, traced: types.FrameType, event: str, arg: Any) -> _SkipAtLine:
         if event == "line" and self.first <= traced.f_lineno <= self.last:
-            raise _SkipBody
+            raise SkipBody
         return self
 
 
 class _SkipAtColumn:
-    """Local trace function: raise `_SkipBody` at the first instruction of the body, on the
+    """Local trace function: raise `SkipBody` at the first instruction of the body, on the
     header's line from `column` on (a body written on the `with` line itself)."""
 
     __slots__ = ("positions", "line", "column")
@@ -120,7 +121,7 @@ class _SkipAtColumn:
         if event == "opcode":
             line, _, start, _ = self.positions[traced.f_lasti // 2]
             if line == self.line and start is not None and start >= self.column:
-                raise _SkipBody
+                raise SkipBody
         return self
 
 

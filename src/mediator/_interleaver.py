@@ -8,9 +8,15 @@ Threads
 The baton
     At any moment exactly one of these threads runs trace code; every other one is blocked in a
     `get()` on its own inbox. Handing over is `their_inbox.put(...)` followed at once by
-    `my_inbox.get()`. So no state below needs a lock (the one exception is `handoff_lock`,
-    below): only the baton holder reads or writes it, and a mediator holding the baton may read
-    the current boundary and the call counters and carry out the plan.
+    `my_inbox.get()`, and nothing else (`handoffs` counts the puts). So no state below needs a
+    lock, except the two fields a canceller and a baton holder can race on (`cancelling`,
+    `abandoned`), which `handoff_lock` guards: only the baton holder reads or writes the rest.
+
+States of a mediator (`_protocol.MediatorState`, changed only through `enter_state`)
+    CREATED -> STARTING (handed to a worker with the baton) -> RUNNING (its body runs) <->
+    BLOCKED (a request made, `waiting` set, baton handed on) -> DONE (returned or raised), or
+    CANCELLED (ended by cancellation, or never started). A mediator that is not BLOCKED, DONE,
+    CANCELLED or CREATED holds the baton; `running` names the one the model thread handed it to.
 
 The plan: handing the baton on directly
     The model thread decides who runs at a point of the trace: at the start, every mediator in
@@ -21,9 +27,7 @@ The plan: handing the baton on directly
     plan is done does the baton go back to the model thread. N mediators at one point thus cost
     N + 1 thread switches, not 2N. The chain goes back to the model thread early whenever that
     thread has something to decide: the mediator failed, `tr.stop()` was called, barriers or
-    name waits exist (`_settle`), or the trace is being cancelled (`cancelling`, set under
-    `handoff_lock`, which a mediator holds while it hands on, so that no new mediator starts
-    once cancelling began).
+    name waits exist (`_settle`), or the trace is being cancelled.
 
 Events, mediator -> interleaver (each a field of the mediator that the interleaver reads once
 it has the baton back)
@@ -41,52 +45,59 @@ it has the baton back)
             binds; blocks until some body has bound it.
     STEP    `mediator.waiting = Request(STEP, k)`: an open `tr.iter[a:]` loop asks for step k;
             answered when any module starts a call numbered k or more (no request of step k can
-            then be late), or with `_LoopEnd` when the traced call returns first.
+            then be late), or with `LoopEnd` when the traced call returns first.
     RESULT  `mediator.waiting = Request(RESULT, None)`: `tr.result` inside a body; answered once
             the traced call has returned.
-    STOP    `interleaver.stopping = True` (`tr.stop()`): when the baton comes back, the model
-            thread raises `_Stop` to end the forward; bodies still waiting are cancelled quietly.
+    STOP    `interleaver.stopping = True` (`tr.stop()`, which then ends its body like `return`):
+            when the baton comes back, the model thread raises `StopForward` to end the forward;
+            bodies still waiting are cancelled quietly.
     CACHE   `interleaver.open_cache(cache)` (`tr.cache()`): the cached sites become watched, and
             after every boundary of them is served its merged value is recorded. Needs no
             answer.
-    END     `mediator.done = True`: the body returned (`result`) or raised (`error`).
+    END     the mediator enters DONE or CANCELLED: the body returned (`result`) or raised
+            (`error`), and the mediator hands the baton on one last time.
 
 Replies, interleaver -> mediator (what `get()` returns in the mediator)
-    a value (VALUE, NAME), None (BARRIER released), or a `_Signal` carrying an exception to
-    raise at the blocked request: MissedProviderError, NameError, ..., or `_Cancelled`.
+    a value (VALUE, NAME), None (BARRIER, STEP released), or a `Signal` carrying an exception to
+    raise at the blocked request: MissedProviderError, NameError, ..., or `Cancelled`.
 
-States of a mediator: STARTING (submitted, not yet blocked) -> BLOCKED (waiting set) <-> RUNNING
-(holds the baton) -> DONE. Once cancelled, every further request raises `_Cancelled` at once.
-
-Order of a trace (`run`)
+Order of a trace (`_run.TraceRun` drives it)
     1. Start the mediators one by one in definition order (the plan); each runs until it
-       blocks or ends.
+       blocks or ends. A worker that cannot be started fails the trace (the mediator is
+       CANCELLED, the error is the trace's).
     2. Run the forward. At each boundary someone watches (`watch[kind][site] > 0`), serve
        the mediators due there (`due[key]`) in definition order (the plan): apply their ops for
        this boundary, then resume each one whose VALUE request is for it. When the baton comes
        back, settle barriers and name waits. A boundary nobody watches costs two list reads and no
        queue traffic; one somebody watches costs what its own events cost, however many
        invokes wait elsewhere.
-    3. After the forward: answer RESULT requests and end open loops (STEP -> `_LoopEnd`), in
-       definition order; every other open request can no longer be served: resume each blocked
-       mediator with MissedProviderError (or NameError, or an unfinished-barrier error) until
-       all are DONE.
-    On any failure (an exception from a body, the model, or Ctrl-C) the forward stops and every
-    mediator that is not DONE is resumed with `_Cancelled` (a busy one also gets it as an
-    asynchronous exception), and waited for; then the failure is raised to the caller. After a
-    Ctrl-C this wait lasts at most a second. The model thread's waits are plain `get()` calls,
-    which a real SIGINT interrupts; `_thread.interrupt_main()` sends no signal, so it is seen
-    only when the baton comes back.
+    3. After the forward (`finish`): answer RESULT requests and end open loops (STEP ->
+       `LoopEnd`), in definition order; every other open request can no longer be served:
+       resume each blocked mediator with MissedProviderError (or NameError, or an
+       unfinished-barrier error) until all have ended.
+    4. On any failure (an exception from a body, the model or the library, or Ctrl-C), `cancel`:
+       the forward stops; under `handoff_lock`, `cancelling` is set and the plan dropped, so no
+       mediator starts another; every mediator that has not ended is told so (its next request
+       raises `Cancelled`). If a body holds the baton (Ctrl-C came while it ran) it is
+       interrupted (`Cancelled` raised in its own code, never inside the library's) and the
+       model thread waits for the baton. Then, one at a time, each BLOCKED mediator is resumed
+       with `Cancelled` and waited for (CREATED ones become CANCELLED), so still only one body
+       runs at any moment. After a Ctrl-C the model thread waits at most a second: if a body
+       is stuck (in C code, say), `abandoned` is set and the rest of the cancellation travels
+       with the baton (each mediator that ends resumes the next, `_cancel_next`) while the
+       trace raises at once; the stuck worker rejoins the pool only once its body has ended.
+
+Ctrl-C
+    On the main thread a trace routes SIGINT to itself (`_interrupts.py`): the signal sets
+    `interrupted` and puts `SIGINT` into the inbox, so the model thread sees it where it waits
+    (a `get()`, which the signal wakes) or at its next module call, never in the middle of the
+    protocol; it then raises `KeyboardInterrupt` there.
 
 Every wait has a way out: a mediator blocked in `get()` is always resumed (by the model thread,
-which owns the order above and finishes it in `finally`, or along a plan by the mediator before
-it), and the model thread waits only while some mediator holds the baton: each one ends in a
-request, an END, or an exception turned into END, and hands the baton on; the last of a plan, or
-any one that fails or sees `cancelling`, hands it back to the model thread.
-
-Not part of the protocol but kept by each mediator (`_mediator.py`): the tensors it was handed at
-a boundary passed while it waited, to report an in-place edit that came too late
-(`LateEditWarning`).
+which owns the order above, or along a plan or a cancellation chain by the mediator before it),
+and the model thread waits only while some mediator holds the baton: each one ends in a request,
+an END, or an exception turned into END, and hands the baton on; the last of a plan, or any one
+that fails or sees `cancelling`, hands it back to the model thread.
 """
 
 from __future__ import annotations
@@ -95,7 +106,6 @@ import queue
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -103,89 +113,33 @@ import torch
 from ._batcher import Batcher
 from ._boundary import Boundary
 from ._cache import Cache
-from ._errors import MediatorError, MissedProviderError, _Cancelled, _LoopEnd, _Stop
+from ._errors import MediatorError, MissedProviderError
+from ._interrupts import model_call_site
+from ._protocol import (
+    BARRIER,
+    INPUT,
+    KIND_NAMES,
+    NAME,
+    OUTPUT,
+    RESULT,
+    SIGINT,
+    STEP,
+    VALUE,
+    Abort,
+    Cancelled,
+    Key,
+    LoopEnd,
+    MediatorState,
+    Signal,
+    StopForward,
+)
 from ._tree import flatten
 
 if TYPE_CHECKING:
+    from ._barrier import Barrier
     from ._mediator import Mediator
 
-INPUT, OUTPUT = 0, 1
-KIND_NAMES = ("input", "output")
-VALUE, BARRIER, NAME, STEP, RESULT = "VALUE", "BARRIER", "NAME", "STEP", "RESULT"
-
-Key = tuple[int, int, int]  # (site, INPUT/OUTPUT, call)
-
-
-@dataclass(slots=True)
-class Request:
-    """What a blocked mediator waits for."""
-
-    kind: str
-    target: Any  # Key for VALUE, Barrier for BARRIER, a name for NAME
-
-
-@dataclass(slots=True)
-class Op:
-    """A request that needs no answer: a swap or a skip, applied when the model reaches `key`."""
-
-    key: Key
-    apply: Callable[[Any], Any] | None  # swap: new view from old view; None for a skip
-    skip_value: Any
-    where: str  # the user's file and line, for late errors
-
-
-@dataclass(slots=True)
-class _Signal:
-    """A reply that makes the blocked request raise `error` in the body."""
-
-    error: BaseException
-
-
-class _Abort(BaseException):
-    """Unwinds the forward pass when the trace must stop (a body failed, or was stopped)."""
-
-
-@dataclass(eq=False)
-class Barrier:
-    """`tr.barrier(n)`: calling it blocks a body until `n` bodies have called it.
-
-    Invokes are served in the order they are defined, and a body waits for a name an earlier
-    invoke has not bound yet, which covers most exchanges between invokes. A barrier is for the
-    rest: a body that needs something another invoke does later, such as an entry that invoke
-    puts into a shared dict. The bodies are released in definition order. A barrier that fewer
-    than `n` bodies reach before the forward pass ends raises `MediatorError`.
-
-    Example:
-
-        with model.trace() as tr:
-            both = tr.barrier(2)
-            norms = {}
-            with tr.invoke(x1):
-                norms[0] = model.layers[1].output.norm()
-                both()                          # until the other invoke stored its norm too
-                scale = norms[1] / norms[0]
-                model.layers[2].output = model.layers[2].output * scale
-            with tr.invoke(x2):
-                norms[1] = model.layers[1].output.norm()
-                both()
-    """
-
-    parties: int
-    arrived: list[Mediator] = field(default_factory=list)
-
-    def __call__(self) -> None:
-        """Wait here until every party of the barrier has called it (inside a body only).
-
-        Example:
-
-            both = tr.barrier(2)
-            with tr.invoke(x1):
-                both()                      # waits for the other invoke's call
-        """
-        from ._mediator import current_mediator
-
-        current_mediator("a barrier").wait_at_barrier(self)
-
+_CREATED, _BLOCKED = MediatorState.CREATED, MediatorState.BLOCKED
 
 _MISSING = object()
 
@@ -212,7 +166,7 @@ class Interleaver:
         self.current: Boundary | None = None
         self.forward_done = False
         self.inbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        self.running: Mediator | None = None
+        self.running: Mediator | None = None  # who the model thread handed the baton to
         self.failure: BaseException | None = None
         self.barriers: list[Barrier] = []
         self.cpu: int | None = None  # the CPU the trace's threads are pinned to
@@ -220,12 +174,15 @@ class Interleaver:
         self.step_waits = 0  # mediators blocked on a STEP request
         self.step_floor = 0  # the lowest step they wait for
         self.stopping = False
+        self.interrupted = False  # a SIGINT arrived (`_interrupts.py`)
         self.result: Any = _MISSING
         self.caches: list[Cache] = []
         self.due: dict[Key, list[Mediator]] = {}  # who has a request or op at each boundary
         self.plan: list[Mediator] = []  # who runs next at this point, the next one last
-        self.cancelling = False
+        self.handoffs = 0  # queue puts and worker launches: the cost model, counted
         self.handoff_lock = threading.Lock()
+        self.cancelling = False  # under handoff_lock: no mediator advances the plan any more
+        self.abandoned = False  # under handoff_lock: the mediators carry the cancellation on
 
     # -- the model thread's side -------------------------------------------------------------
 
@@ -234,8 +191,12 @@ class Interleaver:
         self.plan = self.mediators[::-1]
         self._run_plan()
 
+    @model_call_site
     def call(self, site: int, original: Callable[..., Any], args: Any, kwargs: Any) -> Any:
-        """One call of a tapped module by the model thread (see `_tap.Tap`)."""
+        """One call of a tapped module by the model thread (see `_tap.Tap`). Its only calls
+        out of this package are the module's own forward (`original`)."""
+        if self.interrupted:
+            raise KeyboardInterrupt
         call = self.started[site]
         if self.step_waits and call >= self.step_floor:
             self._wake_steps(call)  # before the call counts as started: its input is still ahead
@@ -263,7 +224,7 @@ class Interleaver:
         self.current = None
         self.result = result
         while True:
-            blocked = [m for m in self.mediators if not m.done]
+            blocked = [m for m in self.mediators if m.state is _BLOCKED]
             if not blocked:
                 self._check_unused_ops()
                 return
@@ -275,7 +236,7 @@ class Interleaver:
                 if waiting.kind == RESULT:
                     self._resume(mediator, self.result_for(mediator))
                 else:
-                    self._resume(mediator, _Signal(_LoopEnd()))
+                    self._resume(mediator, Signal(LoopEnd()))
                 self._settle()
                 continue
             mediator = next((m for m in blocked if _waits_for(m, VALUE) or m.ops), None)
@@ -283,13 +244,13 @@ class Interleaver:
                 if self._settle():
                     continue
                 mediator = blocked[0]  # waits on a name or barrier nobody can satisfy now
-            self._resume(mediator, _Signal(self._unserved(mediator)))
+            self._resume(mediator, Signal(self._unserved(mediator)))
             self._settle()
 
     def result_for(self, mediator: Mediator) -> Any:
         """The traced call's return value, narrowed to `mediator`'s rows."""
         if self.result is _MISSING:
-            return _Signal(
+            return Signal(
                 MissedProviderError(
                     "tr.result: the traced call did not return (tr.stop() ended it)"
                 )
@@ -313,32 +274,66 @@ class Interleaver:
         floors = [m.waiting.target for m in self.mediators if m.waiting and m.waiting.kind == STEP]
         self.step_floor = min(floors, default=0)
 
-    def cancel(self, deadline: float | None) -> bool:
-        """Stop every mediator that has not ended, one by one; False if `deadline` (monotonic)
-        passed first."""
-        with self.handoff_lock:  # no mediator hands the baton on from now on
-            self.cancelling = True
-            self.plan = []
-        busy = self.running  # holds the baton: busy in its own code (after a Ctrl-C)
-        for mediator in self.mediators:
-            if mediator.done or not mediator.bound:
-                continue
-            mediator.cancelled = True
-            if mediator is busy:
-                mediator.interrupt()
-            self.running = mediator
-            mediator.inbox.put(_Signal(_Cancelled()))
-            while not mediator.done:
-                if not self._next_message(deadline):
-                    return False
-            self.running = None
-        return True
-
     def _check_unused_ops(self) -> None:
         for mediator in self.mediators:
             if mediator.ops:
                 self.failure = self.failure or self._unserved(mediator)
-                raise _Abort
+                raise Abort
+
+    # -- cancelling (model thread) -------------------------------------------------------------
+
+    def cancel(self, deadline: float | None) -> bool:
+        """End every mediator that has not ended, one at a time; False if `deadline`
+        (monotonic) passed first, in which case the mediators finish the cancellation among
+        themselves (`abandoned`) and nothing waits for them."""
+        with self.handoff_lock:  # no mediator advances the plan from now on
+            self.cancelling = True
+            self.plan = []
+        for mediator in self.mediators:
+            mediator.cancel_requested = True  # its next request raises Cancelled
+        holder = self.running
+        if holder is not None:  # a body holds the baton: Ctrl-C came while it ran
+            holder.interrupt()
+            if not self._wait_while_cancelling(deadline):
+                return False
+        while self._cancel_next():
+            if not self._wait_while_cancelling(deadline):
+                return False
+        return True
+
+    def _cancel_next(self) -> bool:
+        """Resume the first blocked mediator with `Cancelled` (whoever holds the baton calls
+        this); mediators never started become CANCELLED. False when none is left to resume."""
+        for mediator in self.mediators:
+            state = mediator.state
+            if state is _CREATED:
+                mediator.cancel_unstarted()
+            elif state is _BLOCKED:
+                self.running = mediator
+                self.handoffs += 1
+                mediator.inbox.put(Signal(Cancelled()))
+                return True
+        return False
+
+    def _wait_while_cancelling(self, deadline: float | None) -> bool:
+        """Wait for the baton; at `deadline`, hand the rest of the cancellation to the
+        mediators (under the lock, so a baton arriving just then is still taken)."""
+        while True:
+            try:
+                if deadline is None:
+                    item = self.inbox.get()
+                else:
+                    item = self.inbox.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                with self.handoff_lock:
+                    try:
+                        item = self.inbox.get_nowait()
+                    except queue.Empty:
+                        self.abandoned = True
+                        return False
+            if item is not SIGINT:  # another Ctrl-C changes nothing: the deadline stands
+                self.running = None
+                return True
 
     # -- serving boundaries ------------------------------------------------------------------
 
@@ -358,8 +353,8 @@ class Interleaver:
             self._run_plan()
         self.current = None
         for mediator, view in boundary.handed:
-            if not mediator.done:
-                mediator.keep_watching(key, view)
+            if not mediator.ended:
+                mediator.watch.keep(key, view)
         if self.caches:
             self._record(boundary)
         return boundary
@@ -371,13 +366,10 @@ class Interleaver:
         self.caches = []
         self.barriers = []
         self.due = {}
-        for mediator in self.mediators:
-            mediator.ops = []
-            mediator.waiting = None
-            mediator.final_locals = mediator.result = mediator.error = None
-            mediator.past = []
-            mediator.interleaver = None
-        self.mediators = []
+        self.plan = []
+        with self.handoff_lock:
+            if not self.abandoned:  # else the cancellation chain still walks them
+                self.mediators = []
 
     def open_cache(self, cache: Cache) -> None:
         """Start recording the modules of `cache` (they become watched boundaries)."""
@@ -423,10 +415,12 @@ class Interleaver:
         mediator.ops = remaining
         return None
 
+    @model_call_site
     def _skip(
         self, boundary: Boundary, original: Callable[..., Any], args: Any, kwargs: Any
     ) -> Any:
-        """Run a call that some invokes skip: skipped rows get the invokes' own values."""
+        """Run a call that some invokes skip: skipped rows get the invokes' own values. Its
+        only calls out of this package run the module's own forward."""
         skips = boundary.skips
         narrowed: list[tuple[slice, Any]] = []
         for mediator, (value, _) in skips.items():
@@ -465,7 +459,7 @@ class Interleaver:
             for barrier in self.barriers:
                 if len(barrier.arrived) >= barrier.parties:
                     released, barrier.arrived = barrier.arrived, []
-                    for mediator in sorted(released, key=self.mediators.index):
+                    for mediator in sorted(released, key=_definition_order):
                         mediator.waiting = None
                         self._resume(mediator, None)
                     again = progressed = True
@@ -473,15 +467,16 @@ class Interleaver:
                 waiting = mediator.waiting
                 if waiting is None or waiting.kind != NAME:
                     continue
-                found, value = self._lookup(mediator, waiting.target)
+                found, value = self.lookup(mediator, waiting.target)
                 if not found and self._may_bind(mediator, waiting.target):
                     continue
                 self._withdraw(mediator)
-                self._resume(mediator, value if found else _Signal(self._unbound(waiting.target)))
+                self._resume(mediator, value if found else Signal(self._unbound(waiting.target)))
                 again = progressed = True
         return progressed
 
-    def _lookup(self, asker: Mediator, name: str) -> tuple[bool, Any]:
+    def lookup(self, asker: Mediator, name: str) -> tuple[bool, Any]:
+        """The binding of `name` by another body of the trace, if one has bound it."""
         for mediator in self.mediators:
             if mediator is not asker:
                 found, value = mediator.binding(name)
@@ -490,7 +485,7 @@ class Interleaver:
         return False, None
 
     def _may_bind(self, asker: Mediator, name: str) -> bool:
-        return any(m is not asker and not m.done and name in m.assigns for m in self.mediators)
+        return any(m is not asker and not m.ended and name in m.assigns for m in self.mediators)
 
     @staticmethod
     def _unbound(name: str) -> NameError:
@@ -509,12 +504,12 @@ class Interleaver:
             what = "skip of" if op.apply is None else "value set for"
             return MissedProviderError(
                 f"the {what} {self.describe(op.key)} at {op.where} was never used: "
-                f"{self._never(op.key)}"
+                f"{self.never(op.key)}"
             )
         assert waiting is not None
         if waiting.kind == VALUE:
             return MissedProviderError(
-                f"{self.describe(waiting.target)} was never computed: {self._never(waiting.target)}"
+                f"{self.describe(waiting.target)} was never computed: {self.never(waiting.target)}"
             )
         if waiting.kind == BARRIER:
             barrier = waiting.target
@@ -525,7 +520,8 @@ class Interleaver:
             )
         return self._unbound(waiting.target)
 
-    def _never(self, key: Key) -> str:
+    def never(self, key: Key) -> str:
+        """Why boundary `key` never came, for messages."""
         site, _, call = key
         calls = self.started[site]
         path = self.paths[site] or "the model"
@@ -541,7 +537,7 @@ class Interleaver:
         while self.plan:
             if not self._advance():
                 if self.failure is not None:
-                    raise _Abort
+                    raise Abort
                 return
             self._wait_for_baton()
             self._settle()
@@ -552,10 +548,15 @@ class Interleaver:
         plan = self.plan
         while plan:
             mediator = plan.pop()
-            if not mediator.bound:
-                mediator.bind(self)
+            if mediator.state is _CREATED:
                 self.running = mediator
-                mediator.launch()
+                self.handoffs += 1
+                try:
+                    mediator.launch(self)
+                except BaseException:
+                    self.running = None
+                    plan.clear()
+                    raise
                 return True
             boundary = self.current
             assert boundary is not None
@@ -568,29 +569,42 @@ class Interleaver:
                         return False
                     self._withdraw(mediator)
                     self.running = mediator
-                    mediator.inbox.put(_Signal(error))
+                    self.handoffs += 1
+                    mediator.inbox.put(Signal(error))
                     return True
             waiting = mediator.waiting
             if waiting is not None and waiting.kind == VALUE and waiting.target == boundary.key:
+                view = boundary.view(mediator)  # may raise: nothing is handed over yet
                 self.watch[boundary.key[1]][boundary.key[0]] -= 1
                 mediator.waiting = None
-                self.running = mediator
-                mediator.inbox.put(boundary.view(mediator))
+                self.running = mediator  # from here to the put nothing can fail
+                self.handoffs += 1
+                mediator.inbox.put(view)
                 return True
         return False
 
     def pass_baton(self, mediator: Mediator) -> None:
         """`mediator` blocked or ended (its thread): hand the baton to the next mediator of the
-        plan, or back to the model thread when the plan is done or needs that thread."""
-        if self.plan and mediator.error is None and not self._needs_model_thread():
-            with self.handoff_lock:
+        plan, or of an abandoned cancellation, or back to the model thread."""
+        with self.handoff_lock:
+            if self.abandoned:
+                if not self._cancel_next():
+                    self.mediators = []  # the chain is done: nothing of the trace is left
+                return
+            if (
+                self.plan
+                and not self.cancelling
+                and mediator.error is None
+                and not self._needs_model_thread()
+            ):
                 try:
-                    if not self.cancelling and self._advance():
+                    if self._advance():
                         return
                 except BaseException as error:  # noqa: BLE001 - the model thread raises it
                     self.failure = self.failure or error
                     self.plan = []
-        self.inbox.put(mediator)
+            self.handoffs += 1
+            self.inbox.put(mediator)
 
     def _needs_model_thread(self) -> bool:
         return self.stopping or bool(self.barriers) or self.name_waits > 0
@@ -603,32 +617,25 @@ class Interleaver:
         if current is not None and mediator.ops:
             error = self._apply_ops(mediator, current)
             if error is not None:
-                reply = _Signal(error)
+                reply = Signal(error)
         self.running = mediator
+        self.handoffs += 1
         mediator.inbox.put(reply)
         self._wait_for_baton()
 
     def _wait_for_baton(self) -> None:
-        mediator: Mediator = self.inbox.get()  # the last one to hold the baton
+        item = self.inbox.get()  # the last one to hold the baton, or SIGINT
+        if item is SIGINT:
+            raise KeyboardInterrupt  # the baton is still with `running`: cancel interrupts it
         self.running = None
-        if mediator.error is not None and self.failure is None:
-            self.failure = mediator.error
+        if item.error is not None and self.failure is None:
+            self.failure = item.error
         if self.failure is not None:
             self.plan = []
-            raise _Abort
+            raise Abort
         if self.stopping and not self.forward_done:
             self.plan = []
-            raise _Stop
-
-    def _next_message(self, deadline: float | None) -> bool:
-        if deadline is None:
-            self.inbox.get()
-            return True
-        try:
-            self.inbox.get(timeout=max(0.0, deadline - time.monotonic()))
-        except queue.Empty:
-            return False
-        return True
+            raise StopForward
 
     # -- for mediators (called while they hold the baton) ------------------------------------
 

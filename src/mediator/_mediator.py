@@ -2,12 +2,17 @@
 
 A mediator turns what its body does with Envoys (`.output`, `.output = v`, `.skip(v)`, barriers,
 names bound by other bodies) into the events of the protocol described in `_interleaver.py`, and
-blocks while it waits. Whatever a body does, its thread ends the body by reporting END: its
-result or its exception, which the trace raises in the caller with the body's own traceback.
+blocks while it waits. It owns its lifecycle (`state`, see `_protocol.MediatorState`; changed only
+through `enter_state`), its inbox, its open request (`waiting`) and ops, and its late-edit watch.
+Whatever a body does, and whatever fails in the library around it (entering the caller's torch
+state, say), its thread ends in DONE or CANCELLED and hands the baton on exactly once more; the
+trace raises the body's exception in the caller with the body's own traceback.
 
-A mediator also watches the tensors it was handed at a boundary the model passed while the body
-waited: one that changes in place before the body hands the baton on again was edited too late
-(the model has used it), and the trace reports it as a `LateEditWarning`.
+Cancellation reaches a body two ways: `cancel_requested` makes its next request raise
+`Cancelled`, and `interrupt()` raises `Cancelled` asynchronously in a body busy in its own code.
+The asynchronous form is only ever sent while the body runs user code (`_in_user_code`, read and
+cleared under `_lock`), and the body passes a checkpoint right after clearing it, so an
+interrupt can never land inside a baton handoff.
 """
 
 from __future__ import annotations
@@ -15,50 +20,41 @@ from __future__ import annotations
 import builtins
 import contextlib
 import ctypes
-import os
 import queue
 import sys
 import threading
 import types
-import weakref
 from collections.abc import Callable
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
-import torch
-
-from ._errors import MissedProviderError, OutOfOrderError, UsageError, _Cancelled, _LoopEnd
-from ._interleaver import (
+from . import _context, _workers
+from ._callsite import user_traceback
+from ._errors import MissedProviderError, OutOfOrderError
+from ._late_edits import LateEditWatch
+from ._protocol import (
     BARRIER,
     NAME,
     RESULT,
     STEP,
+    TRANSITIONS,
     VALUE,
-    Barrier,
-    Interleaver,
+    BodyStopped,
+    Cancelled,
     Key,
+    LoopEnd,
+    MediatorState,
     Op,
     Request,
-    _Signal,
+    Signal,
 )
 from ._torchstate import TorchState
-from ._tree import tensors
-from ._workers import POOL
 
-_local = threading.local()
-_HERE = os.path.dirname(__file__)
+if TYPE_CHECKING:
+    from ._barrier import Barrier
+    from ._interleaver import Interleaver
 
-
-def current_mediator(what: str) -> Mediator:
-    """The mediator whose body runs on this thread; UsageError outside any invoke body.
-    `what` names the thing used, for the error message."""
-    mediator: Mediator | None = getattr(_local, "mediator", None)
-    if mediator is None:
-        raise UsageError(
-            f"{what} can only be used inside an invoke body (the code under "
-            "`with model.trace(x):` or `with tr.invoke(x):`, or a function passed to "
-            "`tr.invoke(x).run(fn)`); outside a trace, call the model or module directly"
-        )
-    return mediator
+_STARTING, _RUNNING, _BLOCKED = MediatorState.STARTING, MediatorState.RUNNING, MediatorState.BLOCKED
+_DONE, _CANCELLED = MediatorState.DONE, MediatorState.CANCELLED
 
 
 class Mediator:
@@ -68,103 +64,135 @@ class Mediator:
         self,
         tracer: Any,
         index: int,
-        body: Callable[..., Any] | None,
+        body: Callable[..., Any],
         args: tuple[Any, ...],
         rows: slice | None,
-        state: TorchState,
+        torch_state: TorchState,
         assigns: frozenset[str] = frozenset(),
         fallbacks: dict[str, Any] | None = None,
+        initial: dict[str, Any] | None = None,
+        code: types.CodeType | None = None,
     ) -> None:
         self.tracer = tracer
         self.index = index
         self.body: Callable[..., Any] | None = body
         self.args: tuple[Any, ...] | None = args
         self.rows = rows
-        self.state = state
+        self.torch_state = torch_state
         self.assigns = assigns  # names a with-body binds (for names other bodies wait on)
         self.fallbacks = fallbacks or {}
-        self.initial: dict[str, Any] = {}  # values the body's names had before it ran
+        self.initial = initial or {}  # values the body's names had before it ran
+        self.code = code  # a with-body's code, to find its frame
+        self.state = MediatorState.CREATED
+        self.cancel_requested = False  # set by the canceller: the next request raises
         self.inbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self.interleaver: Interleaver | None = None
         self.waiting: Request | None = None
         self.ops: list[Op] = []
-        # tensors this body was handed at boundaries the model passed while it waited (weakly: a
-        # value the body dropped is freed as before), with their version counters as of when it
-        # got the baton back: an in-place change before it hands the baton on came too late.
-        # Each value is watched for that one stretch, so a handoff costs what it was handed.
-        self.past: list[tuple[Key, weakref.ref[torch.Tensor], int]] = []
-        self.late_edits: list[tuple[str, tuple[str, int] | None]] = []  # for the tracer to warn
+        self.watch = LateEditWatch()
         self.step = 0
-        self.bound = self.done = self.cancelled = False
         self.result: Any = None
         self.error: BaseException | None = None
-        self.code: types.CodeType | None = None  # a with-body's code, to find its frame
         self.final_locals: dict[str, Any] | None = None
         self.thread: threading.Thread | None = None
         self._lock = threading.Lock()
-        self._in_body = False
+        self._in_user_code = False
         self._interrupted = False
 
     def __repr__(self) -> str:
-        return f"<Mediator of invoke {self.index}>"
+        return f"<Mediator of invoke {self.index}, {self.state.name}>"
 
-    # -- lifecycle (model thread) -----------------------------------------------------------
+    @property
+    def ended(self) -> bool:
+        """Whether the body has ended (DONE or CANCELLED)."""
+        state = self.state
+        return state is _DONE or state is _CANCELLED
 
-    def bind(self, interleaver: Interleaver) -> None:
+    def enter_state(self, new: MediatorState) -> None:
+        """Move to state `new`; the transition must be one `TRANSITIONS` allows."""
+        assert new in TRANSITIONS[self.state], f"{self!r}: {self.state.name} -> {new.name}"
+        self.state = new
+
+    # -- lifecycle (the baton holder) ---------------------------------------------------------
+
+    def launch(self, interleaver: Interleaver) -> None:
+        """Hand this mediator, with the baton, to a worker thread. If no worker can take it
+        (a thread that cannot start, a CPU that cannot be pinned), the mediator is CANCELLED
+        and the error is raised to the caller, which fails the trace with it."""
         self.interleaver = interleaver
-        self.bound = True
+        self.enter_state(_STARTING)
+        try:
+            _workers.submit(self._run, interleaver.cpu)
+        except BaseException:
+            self.enter_state(_CANCELLED)
+            self.body = self.args = None
+            raise
 
-    def launch(self) -> None:
-        assert self.interleaver is not None
-        POOL.submit(self._run, self.interleaver.cpu)
+    def cancel_unstarted(self) -> None:
+        """The trace is cancelled before this mediator was started: it never will be."""
+        self.enter_state(_CANCELLED)
+        self.body = self.args = None
 
     def interrupt(self) -> None:
-        """Raise `_Cancelled` in the body if it is busy in its own code (after Ctrl-C)."""
+        """Raise `Cancelled` in the body if it is busy in its own code (after Ctrl-C)."""
         with self._lock:
-            if self._in_body and self.thread is not None and not self._interrupted:
+            if self._in_user_code and self.thread is not None and not self._interrupted:
                 self._interrupted = True
-                async_raise(self.thread, _Cancelled)
+                _async_raise(self.thread, Cancelled)
 
     # -- the worker thread -------------------------------------------------------------------
 
     def _run(self, done: Callable[[], None]) -> None:
-        self.thread = threading.current_thread()
-        _local.mediator = self
+        """The worker's job: run the body in the caller's torch state, then END. Never raises;
+        hands the baton on exactly once, after `done()` gave the worker back to the pool."""
         interleaver = self.interleaver
         assert interleaver is not None
+        self.thread = threading.current_thread()
+        _context.set_current(self)
         try:
             with contextlib.ExitStack() as stack:
-                self.state.enter(stack)
-                try:
-                    with self._lock:
-                        self._in_body = True
-                    try:
-                        if self.cancelled:
-                            raise _Cancelled
-                        assert self.body is not None and self.args is not None
-                        self.result = self.body(*self.args)
-                        if self.past:
-                            self._look_for_late_edits(ended=True)
-                    finally:
-                        with self._lock:
-                            self._in_body = False
-                except _Cancelled:
-                    pass
-                except BaseException as error:  # noqa: BLE001 - reported to the caller
-                    self.error = error.with_traceback(_user_traceback(error.__traceback__))
-        except _Cancelled:  # an interrupt that landed after the body ended
+                self.torch_state.enter(stack)
+                self._run_body()
+        except Cancelled:  # cancelled before the body began, or interrupted around it
             pass
-        if self._interrupted:
-            try:
-                _absorb_pending_interrupt()
-            except _Cancelled:
-                pass
-        _local.mediator = None
-        self.body = self.args = None
+        except BaseException as error:  # noqa: BLE001 - the library's own steps failed
+            self.error = self.error or error
+        if self.state is _STARTING or self.state is _RUNNING:
+            cancelled = self.error is None and self.cancel_requested
+            self.enter_state(_CANCELLED if cancelled else _DONE)
+        self.body = self.args = None  # its ops stay: an op never used fails the trace
+        self.watch.past = []
+        self.interleaver = None
         self.thread = None
-        self.done = True
+        _context.set_current(None)
         done()
         interleaver.pass_baton(self)
+
+    def _run_body(self) -> None:
+        if self.cancel_requested:
+            raise Cancelled
+        self.enter_state(_RUNNING)
+        body, args = self.body, self.args
+        assert body is not None and args is not None
+        self._in_user_code = True
+        try:
+            self.result = body(*args)
+        except Cancelled:
+            self.enter_state(_CANCELLED)
+        except BodyStopped:  # tr.stop(): the body ends there, as with return
+            pass
+        except BaseException as error:  # noqa: BLE001 - reported to the caller
+            self.error = error.with_traceback(user_traceback(error.__traceback__))
+        finally:
+            self._leave_user_code()
+        if self.watch.past and self.state is _RUNNING and self.interleaver is not None:
+            self.watch.check(self.interleaver.current, ended=True)
+
+    def _leave_user_code(self) -> None:
+        """From here on no interrupt is sent; one sent just before is raised at `_checkpoint`."""
+        with self._lock:
+            self._in_user_code = False
+        _checkpoint()
 
     # -- requests (worker thread, holding the baton) ------------------------------------------
 
@@ -209,10 +237,10 @@ class Mediator:
         self._block(Request(BARRIER, barrier))
 
     def wait_for_step(self, step: int) -> None:
-        """STEP: block until the model may reach step `step`; `_LoopEnd` if the call ended."""
+        """STEP: block until the model may reach step `step`; `LoopEnd` if the call ended."""
         interleaver = self._live()
         if interleaver.forward_done:
-            raise _LoopEnd
+            raise LoopEnd
         interleaver.step_waits += 1
         if interleaver.step_waits == 1 or step < interleaver.step_floor:
             interleaver.step_floor = step
@@ -224,14 +252,19 @@ class Mediator:
         if not interleaver.forward_done:
             return self._block(Request(RESULT, None))
         result = interleaver.result_for(self)
-        if type(result) is _Signal:
+        if type(result) is Signal:
             _raise(result)
         return result
+
+    def stop(self) -> NoReturn:
+        """STOP: end the forward pass after the current point, and this body here."""
+        self._live().stopping = True
+        raise BodyStopped
 
     def lookup_name(self, name: str) -> Any:
         """A name this with-body reads and another body binds: wait until one has bound it."""
         interleaver = self._live()
-        found, value = interleaver._lookup(self, name)
+        found, value = interleaver.lookup(self, name)
         if found:
             return value
         try:
@@ -276,42 +309,11 @@ class Mediator:
         return frame
 
     def _live(self) -> Interleaver:
-        if self.cancelled:
-            raise _Cancelled
+        if self.cancel_requested:
+            raise Cancelled
         interleaver = self.interleaver
         assert interleaver is not None
         return interleaver
-
-    def keep_watching(self, key: Key, view: Any) -> None:
-        """The boundary `key`, where this body was handed `view`, is over (model thread)."""
-        for leaf in tensors(view):
-            if not leaf.is_inference():
-                self.past.append((key, weakref.ref(leaf), leaf._version))
-
-    def _look_for_late_edits(self, ended: bool) -> None:
-        """Note the values of passed boundaries that this body changed in place since it got
-        the baton back, with the body's current line (none once it `ended`) for the warning, and
-        stop watching them. An edit of memory that the value the model stands at shares (a view,
-        or the same tensor as the next module's input) is in time and is not reported."""
-        interleaver = self.interleaver
-        assert interleaver is not None
-        shared: set[int | None] | None = None
-        for key, ref, version in self.past:
-            leaf = ref()
-            if leaf is None or leaf._version == version:
-                continue
-            if shared is None:
-                shared = _storages(interleaver.current)
-            storage = _storage(leaf)
-            if storage is not None and storage not in shared:
-                where = None if ended else _body_line()
-                self.late_edits.append((interleaver.describe(key), where))
-        self.past = []
-
-    def _snapshot_past(self) -> None:
-        """The body gets the baton: what the model changed meanwhile is not the body's doing."""
-        live = ((key, ref, ref()) for key, ref, _ in self.past)
-        self.past = [(key, ref, leaf._version) for key, ref, leaf in live if leaf is not None]
 
     def _check_order(self, interleaver: Interleaver, key: Key) -> None:
         if interleaver.passed(key):
@@ -325,27 +327,30 @@ class Mediator:
         if interleaver.forward_done:
             raise MissedProviderError(
                 f"{interleaver.describe(key)} was requested after the forward pass ended: "
-                f"{interleaver._never(key)}"
+                f"{interleaver.never(key)}"
             )
 
     def _block(self, request: Request) -> Any:
+        """Make `request`, hand the baton on, and wait for the reply."""
         interleaver = self.interleaver
         assert interleaver is not None
-        if self.past:
-            self._look_for_late_edits(ended=False)
+        self._leave_user_code()
+        if self.watch.past:
+            self.watch.check(interleaver.current, ended=False)
         self.waiting = request
+        self.enter_state(_BLOCKED)
         interleaver.pass_baton(self)
         reply = self.inbox.get()
-        if self.past:
-            self._snapshot_past()
-        if type(reply) is _Signal:
-            if isinstance(reply.error, _Cancelled):
-                self.cancelled = True
+        self.enter_state(_RUNNING)
+        self._in_user_code = True
+        if self.watch.past:
+            self.watch.snapshot()
+        if type(reply) is Signal:
             _raise(reply)
         return reply
 
 
-def _raise(signal: _Signal) -> NoReturn:
+def _raise(signal: Signal) -> NoReturn:
     """Raise the signal's error, emptying `signal` first. The traceback keeps the frames it
     passes through, so a frame that still held the error (here, or the caller's `reply`) would
     form a cycle with it: the error, its frames and every value they hold would then wait for the
@@ -357,51 +362,13 @@ def _raise(signal: _Signal) -> NoReturn:
         del error
 
 
-def async_raise(thread: threading.Thread, error: type[BaseException]) -> None:
+def _async_raise(thread: threading.Thread, error: type[BaseException]) -> None:
     """Raise `error` in `thread` at its next check for pending events (a call or a loop)."""
     ident = thread.ident
     if ident is not None:
         ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(ident), ctypes.py_object(error))
 
 
-def _storages(boundary: Any) -> set[int | None]:
-    """Where the tensors of `boundary` (its value and every invoke's view) keep their data."""
-    if boundary is None:
-        return set()
-    values = [boundary.value, *boundary.views.values()]
-    return {_storage(leaf) for value in values for leaf in tensors(value)}
-
-
-def _storage(tensor: torch.Tensor) -> int | None:
-    """Where `tensor` keeps its data; None where torch does not say (sparse and other layouts
-    without one storage), and such a tensor is never reported."""
-    try:
-        return int(tensor.untyped_storage().data_ptr())
-    except (RuntimeError, NotImplementedError):
-        return None
-
-
-def _body_line() -> tuple[str, int] | None:
-    """The file and line of the body's code that called into this package."""
-    frame: Any = sys._getframe(1)
-    while frame is not None and frame.f_code.co_filename.startswith(_HERE):
-        frame = frame.f_back
-    return None if frame is None else (frame.f_code.co_filename, frame.f_lineno)
-
-
-def _absorb_pending_interrupt() -> None:
+def _checkpoint() -> None:
     """Does nothing, but entering it runs the interpreter's pending-event check, where an
-    asynchronous `_Cancelled` sent just before the body ended is raised (and then caught)."""
-
-
-def _user_traceback(tb: Any) -> Any:
-    """Drop the frames of this package from a traceback, keeping the user's own."""
-    kept = []
-    while tb is not None:
-        if not tb.tb_frame.f_code.co_filename.startswith(_HERE):
-            kept.append(tb)
-        tb = tb.tb_next
-    rebuilt = None
-    for entry in reversed(kept):
-        rebuilt = types.TracebackType(rebuilt, entry.tb_frame, entry.tb_lasti, entry.tb_lineno)
-    return rebuilt
+    asynchronous `Cancelled` sent just before is raised."""

@@ -5,7 +5,8 @@ While a trace runs, each module of the traced model gets an instance attribute `
 other call straight through. Outside traces nothing is installed, so the model costs exactly what
 it cost before; PyTorch hooks (the user's own included) are never touched and still run around
 the tap. Taps are shared: two traces of the same module from two threads (or two `Model`s wrapping
-it) route by thread, and the last one to leave restores the module's own `forward`.
+it) route by thread, a trace nested on the same thread (opened from a forward hook) routes to
+itself until it ends, and the last one to leave restores the module's own `forward`.
 """
 
 from __future__ import annotations
@@ -50,43 +51,55 @@ class Tap:
         self.forward = forward
 
 
-def attach(taps: list[Tap], interleaver: Any) -> list[Tap]:
+def attach(taps: list[Tap], interleaver: Any) -> list[tuple[Tap, Route | None]]:
     """Route the calling thread's calls of each tapped module to `interleaver`.
 
     Returns the taps actually installed (a module already tapped by another trace keeps that
-    trace's tap); pass them to `detach`.
+    trace's tap), each with the route it replaced: a trace opened on a thread that already runs
+    a trace (from a forward hook) routes to itself until it ends, then the outer one's routes
+    are back. Pass the result to `detach`.
     """
     ident = threading.get_ident()
-    attached = []
+    attached: list[tuple[Tap, Route | None]] = []
     with _LOCK:
-        for site, tap in enumerate(taps):
-            current = tap.attributes.get("forward", _ABSENT)
-            if current is tap.saved:  # untapped, as when the tap was built
-                tap.attributes["forward"] = tap.forward
-                active = tap
-            elif current is tap.forward:  # tapped by another trace of this Model
-                active = tap
-            else:
-                other: Tap | None = getattr(current, "__mediator_tap__", None)
-                if other is None:  # the module's forward was replaced since: tap it afresh
-                    other = taps[site] = Tap(tap.module)
-                    other.attributes["forward"] = other.forward
-                active = other
-            active.routes[ident] = (interleaver, site)
-            attached.append(active)
+        try:
+            for site, tap in enumerate(taps):
+                current = tap.attributes.get("forward", _ABSENT)
+                if current is tap.saved:  # untapped, as when the tap was built
+                    tap.attributes["forward"] = tap.forward
+                    active = tap
+                elif current is tap.forward:  # tapped by another trace of this Model
+                    active = tap
+                else:
+                    other: Tap | None = getattr(current, "__mediator_tap__", None)
+                    if other is None:  # the module's forward was replaced since: tap it afresh
+                        other = taps[site] = Tap(tap.module)
+                        other.attributes["forward"] = other.forward
+                    active = other
+                attached.append((active, active.routes.get(ident)))
+                active.routes[ident] = (interleaver, site)
+        except BaseException:
+            _undo(attached, ident)
+            raise
     return attached
 
 
-def detach(attached: list[Tap]) -> None:
-    """Undo `attach` for the calling thread; restore `forward` where no other trace remains."""
-    ident = threading.get_ident()
+def detach(attached: list[tuple[Tap, Route | None]]) -> None:
+    """Undo `attach` for the calling thread; restore `forward` where no trace remains."""
     with _LOCK:
-        for tap in attached:
-            routes = tap.routes
-            del routes[ident]
-            if routes or tap.attributes.get("forward") is not tap.forward:
-                continue  # still traced elsewhere, or replaced by someone else: theirs stays
-            if tap.saved is _ABSENT:
-                del tap.attributes["forward"]
-            else:
-                tap.attributes["forward"] = tap.saved
+        _undo(attached, threading.get_ident())
+
+
+def _undo(attached: list[tuple[Tap, Route | None]], ident: int) -> None:
+    for tap, previous in reversed(attached):
+        routes = tap.routes
+        if previous is not None:
+            routes[ident] = previous  # the outer trace of this thread routes here again
+            continue
+        del routes[ident]
+        if routes or tap.attributes.get("forward") is not tap.forward:
+            continue  # still traced elsewhere, or replaced by someone else: theirs stays
+        if tap.saved is _ABSENT:
+            del tap.attributes["forward"]
+        else:
+            tap.attributes["forward"] = tap.saved

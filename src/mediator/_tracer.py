@@ -1,9 +1,11 @@
 """Traces and invokes: what `model.trace(...)` returns, and how a trace runs.
 
-Lifecycle of a `Tracer`: OPEN (collecting invokes) -> RUN (one batched forward with its
-mediators, exactly once) -> CLOSED. `model.trace(x)` with inputs makes its own with-body the
-single invoke and runs at once, in `__enter__`; `model.trace()` without inputs collects
-`tr.invoke(...)` blocks (with-bodies or `.run(fn)` functions) and runs when its block exits.
+Lifecycle of a `Tracer` (`_protocol.TraceState`): OPEN (collecting invokes) -> RUNNING (one
+batched forward with its mediators, exactly once, by `_run.run_trace`) -> CLOSED; or OPEN ->
+CLOSED when the trace's own block raises (its function invokes' futures then fail).
+`model.trace(x)` with inputs makes its own with-body the single invoke and runs at once, in
+`__enter__`; `model.trace()` without inputs collects `tr.invoke(...)` blocks (with-bodies or
+`.run(fn)` functions) and runs when its block exits.
 Either way, when the run ends, successful or not, the names the with-bodies bound are written
 back into the caller's scope, function futures are resolved, and no mediator, tap or activation
 of the trace is left.
@@ -11,31 +13,29 @@ of the trace is left.
 
 from __future__ import annotations
 
-import builtins
 import concurrent.futures
-import difflib
 import sys
-import time
 import types
-import warnings
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
-from ._affinity import restore_current_thread, trace_cpu
+from . import _context
+from ._barrier import Barrier
 from ._cache import Cache
-from ._errors import LateEditWarning, MediatorError, UsageError, _LoopEnd, _SkipBody, _Stop
-from ._frames import BodySkipper, read_names, write_names
-from ._interleaver import Barrier, Interleaver, _Abort
-from ._mediator import Mediator, _local, _user_traceback, current_mediator
-from ._source import BodySource, capture, compile_body
-from ._tap import attach, detach
-from ._torchstate import TorchState
+from ._callsite import user_traceback
+from ._errors import MediatorError, UsageError
+from ._frames import BodySkipper, read_names
+from ._names import closest_hint
+from ._protocol import SkipBody, TraceState
+from ._run import InvokeSpec, run_trace
+from ._source import BodySource, capture
+from ._steps import Steps
+from ._traced import Traced
 from ._tree import tensors
 
 if TYPE_CHECKING:
     from ._envoy import Model
-
-OPEN, RUN, CLOSED = "open", "running", "closed"
+    from ._mediator import Mediator
 
 _GENERATION_OPTIONS = frozenset(
     {
@@ -76,7 +76,7 @@ class Invoke:
         self.source: BodySource | None = None
         self.scope: dict[str, Any] = {}  # the enclosing names the body uses
         self.function: tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]] | None = None
-        self.future: _InvokeFuture | None = None
+        self.future: InvokeFuture | None = None
         self._skipper: BodySkipper | None = None
 
     def __enter__(self) -> Invoke:
@@ -90,7 +90,7 @@ class Invoke:
         if self._skipper is not None:
             self._skipper.restore()
             self._skipper = None
-        return kind is _SkipBody
+        return kind is SkipBody
 
     def run(
         self, fn: Callable[..., Any], *args: Any, **kwargs: Any
@@ -121,7 +121,7 @@ class Invoke:
             )
         self.tracer._add(self, "tr.invoke(...).run(fn)")
         self.function = (fn, args, kwargs)
-        self.future = _InvokeFuture(self.tracer)
+        self.future = InvokeFuture(self.tracer)
         return self.future
 
     def _capture(self, frame: types.FrameType, entered: Any, what: str) -> None:
@@ -138,42 +138,6 @@ class Invoke:
             self._skipper = BodySkipper(
                 frame, source.first_line, source.last_line, source.first_column, source.inline
             )
-
-    def _mediator(
-        self, index: int, rows: slice | None, state: TorchState, shared: set[str]
-    ) -> Mediator:
-        tracer = self.tracer
-        if self.function is not None:
-            fn, args, kwargs = self.function
-            return Mediator(tracer, index, lambda: fn(*args, **kwargs), (), rows, state)
-        source = self.source
-        assert source is not None
-        cross = frozenset((source.loads - source.assigns - source.declared_global) & shared)
-        params = tuple(sorted(name for name in self.scope if name not in cross))
-        code = compile_body(source, params, cross)
-        fallbacks = {name: self.scope[name] for name in cross if name in self.scope}
-        initial = {name: self.scope[name] for name in source.assigns if name in self.scope}
-        mediator = Mediator(
-            tracer,
-            index,
-            None,
-            (),
-            rows,
-            state,
-            source.assigns,
-            fallbacks,
-        )
-        mediator.initial = initial
-        globals_ = tracer._globals
-        mediator.body = types.FunctionType(code, globals_)
-        mediator.code = code
-        mediator.args = (
-            mediator.keep_locals,
-            mediator.lookup_name,
-            builtins.locals,
-            *(self.scope[name] for name in params),
-        )
-        return mediator
 
 
 class Tracer:
@@ -197,9 +161,15 @@ class Tracer:
     """
 
     def __init__(
-        self, model: Model, args: tuple[Any, ...], kwargs: dict[str, Any], method: str = "forward"
+        self,
+        model: Model,
+        traced: Traced,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        method: str = "forward",
     ) -> None:
         self.model = model
+        self._traced = traced
         self._method = method
         self._invokes: list[Invoke] = []
         own = bool(args) or any(_holds_tensor(value) for value in kwargs.values())
@@ -212,7 +182,7 @@ class Tracer:
                 f"model.trace() got generation options ({options}); use "
                 "model.generate(..., max_new_tokens=n) to trace generation"
             )
-        self._state = OPEN
+        self._state = TraceState.OPEN
         self._globals: dict[str, Any] = {}
         self._output: Any = None
 
@@ -232,7 +202,7 @@ class Tracer:
         if own is not None:
             return own.__exit__(kind, error, tb)
         if kind is not None:
-            self._state = CLOSED  # the block itself failed: nothing runs
+            self._abandon(error)  # the block itself failed: nothing runs
             return False
         self._run(sys._getframe(1))
         return False
@@ -297,7 +267,7 @@ class Tracer:
                     logits.append(model.lm_head.output)
                 stacked = torch.cat(logits, dim=1)  # runs once generation has ended
         """
-        return Steps(self)
+        return Steps(self._own_mediator("tr.iter[...]"))
 
     def all(self) -> Iterator[int]:
         """Every step, until the traced call returns: the same as `tr.iter[:]`.
@@ -332,10 +302,10 @@ class Tracer:
                 with tr.invoke(x2):
                     h2 = model.layers[1].output
         """
-        mediator = getattr(_local, "mediator", None)
+        mediator = _context.current()
         if mediator is not None and mediator.tracer is self:
             return mediator.traced_result()
-        if self._state != CLOSED:
+        if self._state is not TraceState.CLOSED:
             raise UsageError(
                 "tr.result is there once the trace has run: read it after the `with` block, "
                 "or inside an invoke body"
@@ -360,19 +330,19 @@ class Tracer:
             cache["layers.0"][0]                    # the doubled output of its first call
             cache.inputs["layers.1"][0]             # (args, kwargs) of layers.1's first call
         """
-        model = self.model
-        paths = dict(enumerate(model._paths))
+        traced = self._traced
+        paths = dict(enumerate(traced.paths))
         if modules is not None:
             if isinstance(modules, str) or not isinstance(modules, (list, tuple, set)):
                 modules = [modules]
-            paths = dict(_site_of(model, module) for module in modules)
-        mediator = getattr(_local, "mediator", None)
+            paths = dict(_site_of(traced, module) for module in modules)
+        mediator = _context.current()
         if mediator is not None and mediator.tracer is self:
             cache = Cache(paths, mediator.rows, inputs)
             assert mediator.interleaver is not None
             mediator.interleaver.open_cache(cache)
             return cache
-        if self._state != OPEN:
+        if self._state is not TraceState.OPEN:
             raise UsageError("tr.cache() after the trace ran: open it in the trace's block")
         cache = Cache(paths, None, inputs)
         self._caches.append(cache)
@@ -381,10 +351,10 @@ class Tracer:
     def stop(self) -> None:
         """End the forward pass right after the current point; the trace exits normally.
 
-        The rest of the model does not run, and every name bound so far is kept. Bodies still
-        waiting for a value are ended quietly, the calling one too at its next request (so put
-        `tr.stop()` last). `tr.result` is `None` after a stopped call. Only inside an invoke
-        body.
+        It acts like `return` in the body that calls it: the code after it does not run. The
+        rest of the model does not run either, and every name bound so far is kept. Bodies still
+        waiting for a value are ended quietly. `tr.result` is `None` after a stopped call. Only
+        inside an invoke body.
 
         Example:
 
@@ -393,12 +363,10 @@ class Tracer:
                 tr.stop()                           # layers.2 onwards do not run
             print(h.shape)
         """
-        interleaver = self._own_mediator("tr.stop()").interleaver
-        assert interleaver is not None
-        interleaver.stopping = True
+        self._own_mediator("tr.stop()").stop()
 
     def _own_mediator(self, what: str) -> Mediator:
-        mediator = current_mediator(what)
+        mediator = _context.require(what)
         if mediator.tracer is not self:
             raise UsageError(f"{what} belongs to another trace than the body that calls it")
         return mediator
@@ -410,120 +378,56 @@ class Tracer:
                 "single invoke. Use `with model.trace() as tr:` without inputs and one "
                 "tr.invoke(x) per input"
             )
-        mediator = getattr(_local, "mediator", None)
+        mediator = _context.current()
         if mediator is not None and mediator.tracer is self:
             raise UsageError(
                 f"{what} inside an invoke body: invokes cannot be nested. Put each invoke "
                 "directly in the `with model.trace() as tr:` block"
             )
-        if self._state != OPEN:
+        if self._state is not TraceState.OPEN:
             raise UsageError(f"{what} after this trace ran: open a new model.trace()")
         self._invokes.append(invoke)
 
     # -- running ------------------------------------------------------------------------------
 
     def _run(self, frame: types.FrameType) -> None:
-        """Run the trace; raise what failed it. This frame holds nothing of the trace, so a
-        kept exception keeps no activation alive through its traceback."""
-        failure = self._execute(frame)
-        if failure is not None:
-            raise failure.with_traceback(_user_traceback(failure.__traceback__))
-
-    def _execute(self, frame: types.FrameType) -> BaseException | None:
-        self._state = RUN
-        model = self.model
-        batcher = model._batcher
-        try:
-            generate = self._method == "generate"
-            inputs = [invoke.inputs for invoke in self._invokes]
-            (args, kwargs), rows, total = batcher.batch(inputs, generate)
-            kwargs = self._with_options(kwargs)
-        except BaseException as error:
-            self._state = CLOSED
-            for invoke in self._invokes:
-                if invoke.future is not None:
-                    invoke.future._resolve(None, error)
-            self._invokes = []
-            raise
-        state = TorchState.capture()
-        shared: set[str] = set()
-        for invoke in self._invokes:
-            if invoke.source is not None:
-                shared |= invoke.source.assigns
-        mediators = [
-            invoke._mediator(index, rows[index], state, shared)
-            for index, invoke in enumerate(self._invokes)
+        """Run the trace once (`_run.run_trace`); raise what failed it. This frame keeps nothing
+        of the trace but what `tr` keeps, so a kept exception keeps no activation alive."""
+        self._state = TraceState.RUNNING
+        invokes, self._invokes = self._invokes, []
+        caches, self._caches = self._caches, []
+        specs = [
+            InvokeSpec(invoke.inputs, invoke.source, invoke.scope, invoke.function, invoke.future)
+            for invoke in invokes
         ]
-        interleaver = Interleaver(model._paths, mediators, batcher, total)
-        for cache in self._caches:
-            interleaver.open_cache(cache)
-        self._caches = []
-        failure: BaseException | None = None
-        pinned = trace_cpu() if model._pin_threads else None
-        interleaver.cpu = pinned[0] if pinned else None
-        attached = attach(model._taps, interleaver)
+        for invoke in invokes:
+            invoke.scope = {}
+            invoke.function = invoke.future = None
+        del invokes
         try:
-            try:
-                interleaver.start()
-                call: Callable[..., Any] = getattr(model._module, self._method, model._module)
-                if self._method == "forward":
-                    call = model._module  # through __call__, so the module's own hooks run
-                output = call(*args, **kwargs)
-                interleaver.finish(output)
-                self._output = output
-            except _Abort:
-                pass
-            except _Stop:
-                interleaver.forward_done = True
-            except BaseException as error:  # the model failed, or Ctrl-C
-                interleaver.failure = interleaver.failure or error
-            failure = interleaver.failure
-            if failure is not None or interleaver.stopping:
-                deadline = (
-                    time.monotonic() + 1.0 if isinstance(failure, KeyboardInterrupt) else None
-                )
-                interleaver.cancel(deadline)
-        finally:
-            detach(attached)
-            if pinned is not None:
-                restore_current_thread(pinned[1])
-            self._state = CLOSED
-            self._finish(frame, mediators, failure)
-            interleaver.close()
-        return failure
-
-    def _with_options(self, kwargs: dict[str, Any]) -> dict[str, Any]:
-        clash = set(self._options) & set(kwargs)
-        if clash:
-            raise UsageError(
-                f"{sorted(clash)} given both to the trace and to its invokes; give each once"
+            failure, self._output = run_trace(
+                self, self._traced, self._method, specs, self._options, caches, self._globals, frame
             )
-        return {**kwargs, **self._options}
+        finally:
+            self._state = TraceState.CLOSED
+            if self._own is not None:
+                self._own.tracer = None  # type: ignore[assignment]  # no cycle: garbage-free exit
+        del specs, caches
+        if failure is not None:
+            raise failure.with_traceback(user_traceback(failure.__traceback__))
 
-    def _finish(
-        self, frame: types.FrameType, mediators: list[Mediator], failure: BaseException | None
-    ) -> None:
-        names: dict[str, Any] = {}
-        for invoke, mediator in zip(self._invokes, mediators, strict=False):
-            if invoke.source is not None and mediator.final_locals is not None:
-                bound = mediator.final_locals
-                names.update((n, bound[n]) for n in invoke.source.assigns if n in bound)
+    def _abandon(self, error: BaseException) -> None:
+        """The trace's own block raised `error` before the trace ran: it never will."""
+        self._state = TraceState.CLOSED
+        for invoke in self._invokes:
             if invoke.future is not None:
-                if mediator.done and mediator.error is None and not mediator.cancelled:
-                    invoke.future._resolve(mediator.result, None)
-                else:
-                    error = mediator.error or failure or MediatorError("the trace was cancelled")
-                    invoke.future._resolve(None, error)
+                invoke.future.resolve(
+                    None, MediatorError(f"the trace did not run: its block raised {error!r}")
+                )
             invoke.scope = {}
             invoke.function = invoke.future = None
         self._invokes = []
-        if self._own is not None:
-            self._own.tracer = None  # type: ignore[assignment]  # no cycle: garbage-free exit
-        write_names(frame, names)
-        for mediator in mediators:
-            for what, where in mediator.late_edits:
-                _warn_late_edit(what, where or (frame.f_code.co_filename, frame.f_lineno), frame)
-            mediator.late_edits = []
+        self._caches = []
 
 
 def _holds_tensor(value: Any) -> bool:
@@ -532,28 +436,15 @@ def _holds_tensor(value: Any) -> bool:
     return bool(tensors(value))
 
 
-def _warn_late_edit(what: str, where: tuple[str, int], frame: types.FrameType) -> None:
-    filename, line = where
-    warnings.warn_explicit(
-        f"{what} was changed in place after the model had already used it, so the change has "
-        "no effect on this forward pass. Edit a value right after reading it, before asking for "
-        "anything the model computes later (or waiting for another invoke's name); .clone() a "
-        "value you want to change for your own use",
-        LateEditWarning,
-        filename,
-        line,
-        registry=frame.f_globals.setdefault("__warningregistry__", {}),
-    )
-
-
-class _InvokeFuture(concurrent.futures.Future):  # type: ignore[type-arg]
+class InvokeFuture(concurrent.futures.Future):  # type: ignore[type-arg]
     """A Future that explains itself when waited on before its trace ran."""
 
     def __init__(self, tracer: Tracer) -> None:
         super().__init__()
         self._tracer: Tracer | None = tracer
 
-    def _resolve(self, result: Any, error: BaseException | None) -> None:
+    def resolve(self, result: Any, error: BaseException | None) -> None:
+        """Set the invoke's result, or its error (the run engine calls this once)."""
         self._tracer = None  # a kept future must not keep the trace (and its output) alive
         if error is None:
             self.set_result(result)
@@ -563,8 +454,10 @@ class _InvokeFuture(concurrent.futures.Future):  # type: ignore[type-arg]
     def result(self, timeout: float | None = None) -> Any:
         tracer = self._tracer
         if not self.done() and tracer is not None:
-            mediator = getattr(_local, "mediator", None)
-            if tracer._state == OPEN or (mediator is not None and mediator.tracer is tracer):
+            mediator = _context.current()
+            if tracer._state is TraceState.OPEN or (
+                mediator is not None and mediator.tracer is tracer
+            ):
                 raise UsageError(
                     "this invoke's result is not there yet: it is set when the trace has run, "
                     "after its `with model.trace()` block. Call .result() after the block; to "
@@ -573,80 +466,12 @@ class _InvokeFuture(concurrent.futures.Future):  # type: ignore[type-arg]
         return super().result(timeout)
 
 
-class Steps:
-    """`tr.iter`: index it with a step, a slice or a list of steps to loop over them.
-
-    Example:
-
-        with model.generate(input_ids, max_new_tokens=5) as tr:
-            for step in tr.iter[1:4]:               # steps 1, 2 and 3
-                model.layers[0].output[:, -1] += steer
-    """
-
-    def __init__(self, tracer: Tracer) -> None:
-        self._tracer = tracer
-
-    def __getitem__(self, selection: int | slice | list[int] | tuple[int, ...]) -> Iterator[int]:
-        """An iterator over the selected steps: `[i]`, `[a:b]`, `[a:b:s]`, `[a:]` (open: until
-        the traced call returns) or `[[i, j, ...]]`. Steps count up from 0; while the loop body
-        runs, requests target step `step`, and step 0 again once the loop has ended.
-
-        Example:
-
-            outputs = []
-            for step in tr.iter[[0, 3]]:            # inside an invoke body
-                outputs.append(model.layers[0].output)
-        """
-        mediator = self._tracer._own_mediator("tr.iter[...]")
-        if isinstance(selection, slice):
-            start, stop = selection.start or 0, selection.stop
-            stride = 1 if selection.step is None else selection.step
-            if start < 0 or stride < 1 or (stop is not None and stop < 0):
-                raise ValueError(f"tr.iter[{start}:{stop}:{stride}]: steps count up from 0")
-            if stop is None:
-                return _open_loop(mediator, start, stride)
-            steps: list[int] = list(range(start, stop, stride))
-        elif isinstance(selection, int):
-            steps = [selection]
-        else:
-            steps = [int(step) for step in selection]
-        if any(step < 0 for step in steps):
-            raise ValueError(f"tr.iter[{selection!r}]: steps count up from 0")
-        return _bounded_loop(mediator, steps)
-
-
-def _bounded_loop(mediator: Mediator, steps: list[int]) -> Iterator[int]:
-    try:
-        for step in steps:
-            mediator.step = step
-            yield step
-    finally:
-        mediator.step = 0
-
-
-def _open_loop(mediator: Mediator, start: int, stride: int) -> Iterator[int]:
-    step = start
-    try:
-        while True:
-            if step > 0:
-                try:
-                    mediator.wait_for_step(step)
-                except _LoopEnd:
-                    return
-            mediator.step = step
-            yield step
-            step += stride
-    finally:
-        mediator.step = 0
-
-
-def _site_of(model: Model, module: Any) -> tuple[int, str]:
+def _site_of(traced: Traced, module: Any) -> tuple[int, str]:
     """The site index and path of a module given as an Envoy or a path."""
     path = module if isinstance(module, str) else getattr(module, "path", None)
     if not isinstance(path, str):
         raise TypeError(f"tr.cache(modules=...) takes Envoys or paths, got {type(module).__name__}")
-    if path in model._paths:
-        return model._paths.index(path), path
-    close = difflib.get_close_matches(path, [p for p in model._paths if p], n=3, cutoff=0.5)
-    hint = f" Closest: {', '.join(map(repr, close))}." if close else ""
+    if path in traced.paths:
+        return traced.paths.index(path), path
+    hint = closest_hint(path, traced.paths)
     raise UsageError(f"tr.cache(): the model has no module {path!r} that it calls.{hint}")

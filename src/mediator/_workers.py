@@ -81,6 +81,11 @@ class WorkerPool:
 POOL = WorkerPool()
 
 
+def submit(job: Callable[[Callable[[], None]], None], cpu: int | None = None) -> None:
+    """`WorkerPool.submit` on the process's pool."""
+    POOL.submit(job, cpu)
+
+
 def _reset_after_fork() -> None:
     global POOL
     POOL = WorkerPool()

@@ -1,0 +1,86 @@
+"""Ctrl-C during a trace: SIGINT routed to the trace that runs on the main thread.
+
+A `KeyboardInterrupt` raised at an arbitrary point of the model thread could land in the middle
+of a baton handoff. So while a trace runs on the main thread, and SIGINT has Python's default
+handler, the handler is ours. Where the main thread runs model code (the innermost frame of this
+package on its stack is a `model_call_site`, calling the model, a module's own forward or user
+hooks) it raises `KeyboardInterrupt` there, as Python would. Anywhere else, in the library's own
+steps or waiting for a body, it marks the innermost such trace `interrupted` and puts `SIGINT`
+into its inbox, which wakes the model thread where it waits; the interleaver then raises
+`KeyboardInterrupt` at a point of its own choosing (`Interleaver._wait_for_baton`, `call`). The
+state is the stack of traces running on the main thread (nested ones push), the handler that was
+there before the outermost one (put back when it ends), and the set of model call sites.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+import types
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from ._callsite import PACKAGE_DIR
+from ._protocol import SIGINT
+
+if TYPE_CHECKING:
+    from ._interleaver import Interleaver
+
+_stack: list[Interleaver] = []
+_previous: Any = None
+_model_call_sites: set[types.CodeType] = set()
+
+Function = TypeVar("Function", bound=Callable[..., Any])
+
+
+def model_call_site(function: Function) -> Function:
+    """Mark `function` as one whose calls out of this package run model code, which a Ctrl-C
+    may interrupt at once."""
+    _model_call_sites.add(function.__code__)
+    return function
+
+
+@contextmanager
+def routed_to(interleaver: Interleaver) -> Iterator[None]:
+    """While the block runs, SIGINT interrupts `interleaver` (main thread only, and only when
+    SIGINT had Python's default handler; otherwise nothing changes)."""
+    global _previous
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    if not _stack:
+        if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+            yield
+            return
+        _previous = signal.signal(signal.SIGINT, _handle)
+    _stack.append(interleaver)
+    try:
+        yield
+    finally:
+        _stack.pop()
+        if not _stack:
+            signal.signal(signal.SIGINT, _previous)
+            _previous = None
+
+
+def _handle(signum: int, frame: types.FrameType | None) -> None:
+    if not _stack:  # the trace ended between the signal and this handler
+        signal.default_int_handler(signum, frame)
+        return
+    if _in_model_code(frame):
+        signal.default_int_handler(signum, frame)  # raises KeyboardInterrupt here
+        return
+    interleaver = _stack[-1]
+    interleaver.interrupted = True
+    interleaver.inbox.put(SIGINT)
+
+
+def _in_model_code(frame: types.FrameType | None) -> bool:
+    """Whether the innermost frame of this package below `frame` is a model call site."""
+    while frame is not None:
+        code = frame.f_code
+        if code.co_filename.startswith(PACKAGE_DIR):
+            return code in _model_call_sites
+        frame = frame.f_back
+    return False

@@ -1,0 +1,248 @@
+"""Running one trace: acquire what it needs, run the forward with its mediators, give it all back.
+
+`run_trace` is the only place a trace's resources are taken, and each is registered in one
+`contextlib.ExitStack` the moment it is acquired, so whatever fails (batching the inputs,
+compiling a body, pinning the CPU, starting a worker, the model, a body, Ctrl-C) every release
+step runs, each independently of the others, in this order:
+
+    1. the mediators: on a failure or `tr.stop()`, the interleaver cancels every mediator that
+       has not ended (one at a time; see `_interleaver.py`), else each has ended already;
+    2. the taps: the model's modules route the calling thread's calls as before the trace;
+    3. Ctrl-C: SIGINT's handler is the one from before the trace;
+    4. the CPU pin: the calling thread gets its own CPU mask back;
+    5. the interleaver drops the values it held;
+    6. the invokes are settled: names the with-bodies bound are written back into the caller's
+       frame, every function invoke's future is resolved (with its result, its error, or the
+       trace's failure), late in-place edits are reported, and no value of the trace is kept.
+
+This module owns no state beyond one run's locals.
+"""
+
+from __future__ import annotations
+
+import builtins
+import contextlib
+import time
+import types
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any, Protocol
+
+from ._affinity import restore_current_thread, trace_cpu
+from ._batcher import Inputs
+from ._cache import Cache
+from ._errors import MediatorError, UsageError
+from ._frames import write_names
+from ._interleaver import Interleaver
+from ._interrupts import model_call_site, routed_to
+from ._late_edits import warn
+from ._mediator import Mediator
+from ._protocol import Abort, MediatorState, StopForward
+from ._source import BodySource, compile_body
+from ._tap import attach, detach
+from ._torchstate import TorchState
+from ._traced import Traced
+
+
+class Resolvable(Protocol):
+    """The future of a function invoke, as the run engine resolves it."""
+
+    def resolve(self, result: Any, error: BaseException | None) -> None: ...
+
+
+@dataclass(eq=False)
+class InvokeSpec:
+    """What one invoke brings to a run: its inputs, and a with-body or a function."""
+
+    inputs: Inputs | None
+    source: BodySource | None = None  # a with-body's source
+    scope: dict[str, Any] = field(default_factory=dict)  # the enclosing names it uses
+    function: tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]] | None = None
+    future: Resolvable | None = None
+
+
+@dataclass(eq=False)
+class _Outcome:
+    """What a run produced so far: read by the release steps, returned at the end."""
+
+    mediators: list[Mediator] = field(default_factory=list)
+    interleaver: Interleaver | None = None
+    output: Any = None
+    failure: BaseException | None = None
+
+
+def run_trace(
+    owner: Any,
+    traced: Traced,
+    method: str,
+    invokes: list[InvokeSpec],
+    options: dict[str, Any],
+    caches: list[Cache],
+    globals_: dict[str, Any],
+    frame: types.FrameType,
+) -> tuple[BaseException | None, Any]:
+    """Run the trace `owner` (the Tracer the bodies belong to) once, calling `method` of the
+    traced module; return what failed it (or None) and the call's return value."""
+    outcome = _Outcome()
+    try:
+        with contextlib.ExitStack() as release:
+            release.push(partial(_settle, outcome, invokes, frame))
+            generate = method == "generate"
+            batched, rows, total = traced.batcher.batch([i.inputs for i in invokes], generate)
+            args, kwargs = batched[0], _with_options(batched[1], options)
+            state = TorchState.capture()
+            shared = frozenset().union(*(i.source.assigns for i in invokes if i.source))
+            for index, spec in enumerate(invokes):
+                built = _build_mediator(owner, spec, index, rows[index], state, shared, globals_)
+                outcome.mediators.append(built)
+            interleaver = Interleaver(traced.paths, outcome.mediators, traced.batcher, total)
+            outcome.interleaver = interleaver
+            release.callback(interleaver.close)
+            for cache in caches:
+                interleaver.open_cache(cache)
+            if traced.pin_threads:
+                pinned = trace_cpu()
+                if pinned is not None:
+                    release.callback(restore_current_thread, pinned[1])
+                    interleaver.cpu = pinned[0]
+            release.enter_context(routed_to(interleaver))
+            release.callback(detach, attach(traced.taps, interleaver))
+            release.push(partial(_end_mediators, interleaver, outcome))
+            interleaver.start()
+            outcome.output = _call_model(_traced_call(traced, method), args, kwargs)
+            interleaver.finish(outcome.output)
+            if interleaver.interrupted:  # Ctrl-C after the last wait: still a Ctrl-C
+                raise KeyboardInterrupt
+    except BaseException as error:  # noqa: BLE001 - returned, and raised by the caller
+        outcome.failure = outcome.failure or error
+    return outcome.failure, outcome.output
+
+
+@model_call_site
+def _call_model(call: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """The traced call itself (a Ctrl-C here interrupts the model at once)."""
+    return call(*args, **kwargs)
+
+
+def _traced_call(traced: Traced, method: str) -> Callable[..., Any]:
+    if method == "forward":
+        return traced.module  # through __call__, so the module's own hooks run
+    return getattr(traced.module, method)  # type: ignore[no-any-return]
+
+
+def _with_options(kwargs: dict[str, Any], options: dict[str, Any]) -> dict[str, Any]:
+    clash = set(options) & set(kwargs)
+    if clash:
+        raise UsageError(
+            f"{sorted(clash)} given both to the trace and to its invokes; give each once"
+        )
+    return {**kwargs, **options}
+
+
+def _build_mediator(
+    owner: Any,
+    spec: InvokeSpec,
+    index: int,
+    rows: slice | None,
+    state: TorchState,
+    shared: frozenset[str],
+    globals_: dict[str, Any],
+) -> Mediator:
+    """The mediator of one invoke: its function, or its with-body compiled as a function."""
+    if spec.function is not None:
+        fn, args, kwargs = spec.function
+        return Mediator(owner, index, partial(fn, *args, **kwargs), (), rows, state)
+    source = spec.source
+    assert source is not None
+    scope = spec.scope
+    cross = frozenset((source.loads - source.assigns - source.declared_global) & shared)
+    params = tuple(sorted(name for name in scope if name not in cross))
+    code = compile_body(source, params, cross)
+    mediator = Mediator(
+        owner,
+        index,
+        types.FunctionType(code, globals_),
+        (),
+        rows,
+        state,
+        assigns=source.assigns,
+        fallbacks={name: scope[name] for name in cross if name in scope},
+        initial={name: scope[name] for name in source.assigns if name in scope},
+        code=code,
+    )
+    mediator.args = (
+        mediator.keep_locals,
+        mediator.lookup_name,
+        builtins.locals,
+        *(scope[name] for name in params),
+    )
+    return mediator
+
+
+def _end_mediators(
+    interleaver: Interleaver,
+    outcome: _Outcome,
+    kind: type[BaseException] | None,
+    error: BaseException | None,
+    tb: types.TracebackType | None,
+) -> bool:
+    """Release step 1: every mediator ends (or, after Ctrl-C, is left to end on its own within
+    the cancellation chain); the run's failure is decided here."""
+    failure = interleaver.failure
+    if error is not None and not isinstance(error, (Abort, StopForward)):
+        failure = failure or error
+    if isinstance(error, StopForward):
+        interleaver.forward_done = True
+    outcome.failure = failure
+    if failure is not None or interleaver.stopping:
+        deadline = time.monotonic() + 1.0 if isinstance(failure, KeyboardInterrupt) else None
+        interleaver.cancel(deadline)
+    else:
+        assert all(m.ended for m in interleaver.mediators), "a mediator outlived its trace"
+    return error is not None  # the failure travels in `outcome`
+
+
+def _settle(
+    outcome: _Outcome,
+    invokes: list[InvokeSpec],
+    frame: types.FrameType,
+    kind: type[BaseException] | None,
+    error: BaseException | None,
+    tb: types.TracebackType | None,
+) -> bool:
+    """Release step 6: names back into the caller's frame, futures resolved, late edits
+    reported, and no value of the trace kept by the invokes or mediators."""
+    failure = outcome.failure or error
+    names: dict[str, Any] = {}
+    mediators = outcome.mediators
+    for position, spec in enumerate(invokes):
+        mediator = mediators[position] if position < len(mediators) else None
+        ended = mediator if mediator is not None and mediator.ended else None
+        if spec.source is not None and ended is not None and ended.final_locals is not None:
+            bound = ended.final_locals
+            names.update((n, bound[n]) for n in spec.source.assigns if n in bound)
+        if spec.future is not None:
+            if ended is not None and ended.state is MediatorState.DONE and ended.error is None:
+                spec.future.resolve(ended.result, None)
+            else:
+                own = ended.error if ended is not None else None
+                cancelled = MediatorError("the trace was cancelled")
+                spec.future.resolve(None, own or failure or cancelled)
+        spec.scope = {}
+        spec.function = spec.future = None
+    write_names(frame, names)
+    interleaver = outcome.interleaver
+    for mediator in mediators:
+        if not mediator.ended:
+            continue  # abandoned after Ctrl-C: it clears its own state as it ends
+        for key, where in mediator.watch.found:
+            assert interleaver is not None
+            fallback = (frame.f_code.co_filename, frame.f_lineno)  # the body had ended
+            warn(interleaver.describe(key), where or fallback, frame)
+        mediator.watch.clear()
+        mediator.ops = []
+        mediator.final_locals = mediator.result = mediator.error = None
+    outcome.mediators = []
+    outcome.interleaver = None
+    return False

@@ -1,0 +1,42 @@
+"""What a trace needs to know about its model: the module, the sites it taps, the batcher.
+
+`Model` builds one `Traced` when it wraps a module and hands it to every trace it opens, so a
+trace never reaches into the Model itself. Site numbers index `paths` and `taps`; a module
+registered under several names is one site (its first path). The object is not changed after it
+is built, except that a tap replaced behind the library's back is re-made in `taps` (`_tap.py`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from ._batcher import Batcher
+from ._tap import Tap
+
+
+@dataclass(frozen=True, eq=False)
+class Traced:
+    """A wrapped module's sites (modules with a `forward` of their own), in tree order."""
+
+    module: nn.Module
+    paths: list[str]  # site -> path ("" for the root)
+    taps: list[Tap]  # site -> its tap
+    sites: dict[int, int]  # id(module) -> site
+    batcher: Batcher
+    pin_threads: bool
+
+    @classmethod
+    def of(cls, module: nn.Module, batcher: Batcher, pin_threads: bool) -> Traced:
+        """Find the sites of `module`."""
+        paths: list[str] = []
+        taps: list[Tap] = []
+        sites: dict[int, int] = {}
+        for path, sub in module.named_modules():
+            if id(sub) in sites or type(sub).forward is nn.Module.forward:
+                continue
+            sites[id(sub)] = len(paths)
+            paths.append(path)
+            taps.append(Tap(sub))
+        return cls(module, paths, taps, sites, batcher, pin_threads)
