@@ -332,16 +332,21 @@ def test_stop_function_form(snet, pair):
     x = pair[1]
     model = mediator.Model(snet)
 
+    seen: list[torch.Tensor] = []
+    after: list[str] = []
+
     def body(tr: mediator.Tracer) -> torch.Tensor:
-        h = model.layers[0].output
-        tr.stop()
-        return h
+        seen.append(model.layers[0].output)
+        tr.stop()  # acts like `return`: nothing after it runs
+        after.append("ran")
+        return seen[0]
 
     snet.reset()
     with model.trace() as tr:
         future = tr.invoke(x).run(body, tr)
     assert [layer.calls for layer in snet.layers] == [1, 0, 0]
-    assert torch.equal(future.result(), snet.layers[0].lin(x))
+    assert torch.equal(seen[0], snet.layers[0].lin(x))
+    assert after == [] and future.result() is None
     assert tr.result is None
 
 

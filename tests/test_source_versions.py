@@ -19,12 +19,14 @@ _PROGRAM = textwrap.dedent(
 
     package = types.ModuleType("fake"); package.__path__ = [sys.argv[1]]
     sys.modules["fake"] = package
-    for name in ("_errors", "_frames", "_source"):
+    for name in ("_errors", "_protocol", "_frames", "_source"):
         spec = importlib.util.spec_from_file_location(f"fake.{name}", f"{sys.argv[1]}/{name}.py")
         module = importlib.util.module_from_spec(spec)
         sys.modules[f"fake.{name}"] = module
         spec.loader.exec_module(module)
-    errors, frames, source_ = (sys.modules[f"fake.{n}"] for n in ("_errors", "_frames", "_source"))
+    protocol, frames, source_ = (
+        sys.modules[f"fake.{n}"] for n in ("_protocol", "_frames", "_source")
+    )
 
     class Run:
         """Runs the with-body as a compiled function, the way a trace does, then skips it."""
@@ -55,7 +57,7 @@ _PROGRAM = textwrap.dedent(
         def __exit__(self, kind, error, tb):
             if self.skipper:
                 self.skipper.restore()
-            return kind is errors._SkipBody
+            return kind is protocol.SkipBody
 
     calls = []
 
