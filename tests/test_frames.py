@@ -18,8 +18,8 @@ import weakref
 
 import pytest
 
-from mediator._protocol import SkipBody
 from mediator._frames import BodySkipper, read_names, write_names
+from mediator._protocol import SkipBody
 
 SRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src", "mediator")
 

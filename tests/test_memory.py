@@ -36,9 +36,9 @@ from torch import nn
 
 import mediator
 from mediator import MissedProviderError, OutOfOrderError, _workers
-from mediator._cache import Cache
 from mediator._barrier import Barrier
 from mediator._boundary import Boundary
+from mediator._cache import Cache
 from mediator._interleaver import Interleaver
 from mediator._mediator import Mediator
 from mediator._protocol import Op, Request, Signal
