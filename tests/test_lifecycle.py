@@ -307,6 +307,57 @@ def test_after_ctrl_c_only_one_body_runs_user_code(sigint_ready, model, x, busy)
     assert busy_workers() == []
 
 
+def test_ctrl_c_while_a_body_is_stuck_in_c_code(sigint_ready, model, x):
+    """A body blocked in C code (here `Event.wait`, which no asynchronous exception reaches)
+    holds the baton when Ctrl-C comes: the trace raises within about a second anyway; the
+    cancellation then travels with the baton: once the stuck body ends, the blocked one is
+    resumed and ends too, never both at once, and both workers go back to the pool. A trace
+    started meanwhile runs on other workers."""
+    exclusive = _Exclusive()
+    started, unstick, blocked_ended = threading.Event(), threading.Event(), threading.Event()
+
+    def stuck() -> None:
+        model.layers[0].output
+        exclusive.enter("stuck")
+        try:
+            started.set()
+            unstick.wait(10)  # C code: the interrupt waits until it returns
+        finally:
+            exclusive.leave("stuck")
+
+    def blocked() -> None:
+        try:
+            model.layers[0].output
+            model.layers[3].output
+        finally:
+            exclusive.enter("blocked")
+            exclusive.leave("blocked")
+            blocked_ended.set()
+
+    sender = _CtrlC(started)
+    start = time.monotonic()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            with model.trace() as tr:
+                tr.invoke(x).run(stuck)
+                tr.invoke(x).run(blocked)
+    finally:
+        sender.stop()
+    assert time.monotonic() - start < 2.5
+    assert not blocked_ended.is_set()  # it waits for its turn, behind the stuck one
+    with model.trace(x):  # meanwhile the model traces normally
+        out = model.output
+    with torch.no_grad():
+        assert torch.equal(out, model._module(x))
+    unstick.set()
+    assert blocked_ended.wait(10)
+    deadline = time.monotonic() + 5
+    while busy_workers() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert busy_workers() == []
+    assert exclusive.overlaps == []
+
+
 def test_ctrl_c_while_the_model_runs_its_own_code(sigint_ready, x):
     """SIGINT while the model thread is inside a module's forward raises KeyboardInterrupt
     right there, as without the library (the module's own `finally` sees it)."""

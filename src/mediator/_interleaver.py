@@ -289,9 +289,9 @@ class Interleaver:
         with self.handoff_lock:  # no mediator advances the plan from now on
             self.cancelling = True
             self.plan = []
+            holder = self.running  # stable from here: only the holder hands the baton back
         for mediator in self.mediators:
             mediator.cancel_requested = True  # its next request raises Cancelled
-        holder = self.running
         if holder is not None:  # a body holds the baton: Ctrl-C came while it ran
             holder.interrupt()
             if not self._wait_while_cancelling(deadline):
