@@ -70,6 +70,7 @@ class _Outcome:
     interleaver: Interleaver | None = None
     output: Any = None
     failure: BaseException | None = None
+    handoffs: int = 0
 
 
 def run_trace(
@@ -81,9 +82,10 @@ def run_trace(
     caches: list[Cache],
     globals_: dict[str, Any],
     frame: types.FrameType,
-) -> tuple[BaseException | None, Any]:
+) -> tuple[BaseException | None, Any, int]:
     """Run the trace `owner` (the Tracer the bodies belong to) once, calling `method` of the
-    traced module; return what failed it (or None) and the call's return value."""
+    traced module; return what failed it (or None), the call's return value, and the number
+    of handoffs the run made (the protocol's cost model, see `_interleaver.py`)."""
     outcome = _Outcome()
     try:
         with contextlib.ExitStack() as release:
@@ -98,6 +100,7 @@ def run_trace(
                 outcome.mediators.append(built)
             interleaver = Interleaver(traced.paths, outcome.mediators, traced.batcher, total)
             outcome.interleaver = interleaver
+            release.callback(_count_handoffs, outcome, interleaver)
             release.callback(interleaver.close)
             for cache in caches:
                 interleaver.open_cache(cache)
@@ -116,7 +119,11 @@ def run_trace(
                 raise KeyboardInterrupt
     except BaseException as error:  # noqa: BLE001 - returned, and raised by the caller
         outcome.failure = outcome.failure or error
-    return outcome.failure, outcome.output
+    return outcome.failure, outcome.output, outcome.handoffs
+
+
+def _count_handoffs(outcome: _Outcome, interleaver: Interleaver) -> None:
+    outcome.handoffs = interleaver.handoffs
 
 
 @model_call_site

@@ -185,6 +185,7 @@ class Tracer:
         self._state = TraceState.OPEN
         self._globals: dict[str, Any] = {}
         self._output: Any = None
+        self._handoffs = 0  # thread handoffs the run made (for tests of the cost model)
 
     def __enter__(self) -> Tracer:
         frame = sys._getframe(1)
@@ -405,7 +406,7 @@ class Tracer:
             invoke.function = invoke.future = None
         del invokes
         try:
-            failure, self._output = run_trace(
+            failure, self._output, self._handoffs = run_trace(
                 self, self._traced, self._method, specs, self._options, caches, self._globals, frame
             )
         finally:
