@@ -11,9 +11,9 @@ of the trace is left.
 
 from __future__ import annotations
 
-import builtins
 import concurrent.futures
 import difflib
+import inspect
 import sys
 import time
 import types
@@ -24,10 +24,10 @@ from typing import TYPE_CHECKING, Any
 from ._affinity import restore_current_thread, trace_cpu
 from ._cache import Cache
 from ._errors import LateEditWarning, MediatorError, UsageError, _LoopEnd, _SkipBody, _Stop
-from ._frames import BodySkipper, read_names, write_names
+from ._frames import UNBOUND, BodySkipper, read_names, write_names
 from ._interleaver import Barrier, Interleaver, _Abort
 from ._mediator import Mediator, _local, _user_traceback, current_mediator
-from ._source import BodySource, capture, compile_body
+from ._source import BodySource, capture, check_items, make_body
 from ._tap import attach, detach
 from ._torchstate import TorchState
 from ._tree import tensors
@@ -119,6 +119,17 @@ class Invoke:
                 f"tr.invoke(...).run() needs a callable, got {type(fn).__name__}; pass the "
                 "function itself, e.g. .run(fn, arg) rather than .run(fn(arg))"
             )
+        if (
+            inspect.isgeneratorfunction(fn)
+            or inspect.iscoroutinefunction(fn)
+            or (inspect.isasyncgenfunction(fn))
+        ):
+            kind = "a coroutine" if inspect.iscoroutinefunction(fn) else "a generator"
+            raise UsageError(
+                f"tr.invoke(...).run({getattr(fn, '__qualname__', fn)!r}) got {kind} function: "
+                "calling it would only create the object, not run its body. Pass a plain "
+                "function (collect values in a list and return it)"
+            )
         self.tracer._add(self, "tr.invoke(...).run(fn)")
         self.function = (fn, args, kwargs)
         self.future = _InvokeFuture(self.tracer)
@@ -127,9 +138,10 @@ class Invoke:
     def _capture(self, frame: types.FrameType, entered: Any, what: str) -> None:
         source = capture(frame, what)
         self.source = source
-        self.scope = read_names(frame, source.loads | source.assigns)
+        self.scope = read_names(frame, source.reads)
         if source.as_name is not None:
             self.scope[source.as_name] = entered
+            write_names(frame, {source.as_name: entered})  # bound whatever the body does
 
     def _skip(self, frame: types.FrameType) -> None:
         """Make the caller jump over the body (the mediator runs it)."""
@@ -149,8 +161,6 @@ class Invoke:
         source = self.source
         assert source is not None
         cross = frozenset((source.loads - source.assigns - source.declared_global) & shared)
-        params = tuple(sorted(name for name in self.scope if name not in cross))
-        code = compile_body(source, params, cross)
         fallbacks = {name: self.scope[name] for name in cross if name in self.scope}
         initial = {name: self.scope[name] for name in source.assigns if name in self.scope}
         mediator = Mediator(
@@ -164,16 +174,20 @@ class Invoke:
             fallbacks,
         )
         mediator.initial = initial
-        globals_ = tracer._globals
-        mediator.body = types.FunctionType(code, globals_)
-        mediator.code = code
-        mediator.args = (
-            mediator.keep_locals,
-            mediator.lookup_name,
-            builtins.locals,
-            *(self.scope[name] for name in params),
+        mediator.body, mediator.args = make_body(
+            source, self.scope, cross, tracer._globals, mediator.keep_locals, mediator.lookup_name
         )
+        mediator.code = mediator.body.__code__
         return mediator
+
+    def _bound(self, final: dict[str, Any]) -> dict[str, Any]:
+        """What the body left bound of the names it binds: `UNBOUND` for one it deleted."""
+        assert self.source is not None
+        return {
+            name: final.get(name, UNBOUND)
+            for name in self.source.assigns
+            if name in final or name in self.scope
+        }
 
 
 class Tracer:
@@ -225,6 +239,8 @@ class Tracer:
             own._capture(frame, self, "model.trace(...)")
             self._run(frame)
             own._skip(frame)
+        else:
+            check_items(frame, "model.trace()")
         return self
 
     def __exit__(self, kind: Any, error: Any, tb: Any) -> bool:
@@ -233,6 +249,10 @@ class Tracer:
             return own.__exit__(kind, error, tb)
         if kind is not None:
             self._state = CLOSED  # the block itself failed: nothing runs
+            for invoke in self._invokes:
+                if invoke.future is not None:
+                    invoke.future._resolve(None, error)
+            self._invokes = []
             return False
         self._run(sys._getframe(1))
         return False
@@ -506,8 +526,7 @@ class Tracer:
         names: dict[str, Any] = {}
         for invoke, mediator in zip(self._invokes, mediators, strict=False):
             if invoke.source is not None and mediator.final_locals is not None:
-                bound = mediator.final_locals
-                names.update((n, bound[n]) for n in invoke.source.assigns if n in bound)
+                names.update(invoke._bound(mediator.final_locals))
             if invoke.future is not None:
                 if mediator.done and mediator.error is None and not mediator.cancelled:
                     invoke.future._resolve(mediator.result, None)
