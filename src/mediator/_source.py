@@ -125,7 +125,7 @@ def check_items(frame: types.FrameType, what: str) -> None:
         return
     found = _locate(frame)
     if found is not None:
-        _reject_later_items(found[0], code.co_filename, what)
+        _reject_later_items(found[0], frame, what)
     if len(_checked) > 4096:
         _checked.clear()
     _checked.add(key)
@@ -283,23 +283,28 @@ def _spelled(statements: list[ast.stmt]) -> set[str]:
 
 
 def _names_on_lines(code: types.CodeType, first: int, last: int) -> set[str]:
-    names: set[str] = set()
+    return {
+        instruction.argval
+        for instruction, line in _instructions(code)
+        if first <= line <= last and isinstance(instruction.argval, str)
+    }
+
+
+def _instructions(code: types.CodeType) -> Iterator[tuple[dis.Instruction, int]]:
+    """Each instruction of `code` with its line (3.10 gives the line where one starts only)."""
     line = code.co_firstlineno
     for instruction in dis.get_instructions(code):
         if instruction.starts_line is not None:
             line = instruction.starts_line
         positions = getattr(instruction, "positions", None)
-        at = positions.lineno if positions is not None and positions.lineno else line
-        if first <= at <= last and isinstance(instruction.argval, str):
-            names.add(instruction.argval)
-    return names
+        yield instruction, positions.lineno if positions and positions.lineno else line
 
 
 def _analyse(
     node: ast.With, around: list[ast.AST], frame: types.FrameType, what: str
 ) -> BodySource:
     filename = frame.f_code.co_filename
-    _reject_later_items(node, filename, what)
+    _reject_later_items(node, frame, what)
     _reject_crossing(node.body, filename)
     scope = around[-1] if around else None
     classes = [outer.name for outer in around if isinstance(outer, ast.ClassDef)]
@@ -319,7 +324,7 @@ def _analyse(
         for outer in around
     )
     arguments = function.args.posonlyargs + function.args.args if function else []
-    as_name = _as_name(node)
+    as_name = _as_name(node, _ours(node, frame))
 
     def mangle(names: set[str]) -> frozenset[str]:
         return frozenset(_mangled(name, owner) for name in names)
@@ -355,31 +360,33 @@ def _last_line(node: ast.With) -> int:
     return max(getattr(s, "end_lineno", s.lineno) or s.lineno for s in node.body)
 
 
-def _ours(node: ast.With) -> int:
-    """Which item of the `with` statement is the trace or invoke (by its spelling; the first
-    item when none is spelled `.trace(...)`, `.invoke(...)` or `.generate(...)`)."""
-    spelled = [
-        index
-        for index, item in enumerate(node.items)
-        if isinstance(item.context_expr, ast.Call)
-        and isinstance(item.context_expr.func, ast.Attribute)
-        and item.context_expr.func.attr in ("trace", "invoke", "generate")
-    ]
-    return spelled[0] if spelled else 0
+_ENTERING = frozenset({"SETUP_WITH", "BEFORE_WITH", "SETUP_ASYNC_WITH", "BEFORE_ASYNC_WITH"})
 
 
-def _as_name(node: ast.With) -> str | None:
-    target = node.items[_ours(node)].optional_vars
+def _ours(node: ast.With, frame: types.FrameType) -> int:
+    """Which item of the `with` statement the frame is entering: the number of items of this
+    statement entered before the instruction it stands at."""
+    header = range(node.lineno, _header_end(node) + 1)
+    entered = sum(
+        1
+        for instruction, line in _instructions(frame.f_code)
+        if instruction.offset < frame.f_lasti and instruction.opname in _ENTERING and line in header
+    )
+    return min(entered, len(node.items) - 1)
+
+
+def _as_name(node: ast.With, ours: int) -> str | None:
+    target = node.items[ours].optional_vars
     return target.id if isinstance(target, ast.Name) else None
 
 
-def _reject_later_items(node: ast.With, filename: str, what: str) -> None:
-    ours = _ours(node)
+def _reject_later_items(node: ast.With, frame: types.FrameType, what: str) -> None:
+    ours = _ours(node, frame)
     if ours == len(node.items) - 1:
         return
     later = ", ".join(ast.unparse(item) for item in node.items[ours + 1 :])
     raise UsageError(
-        f"`with {what}, {later}:` ({filename}:{node.lineno}): the body runs alongside the model "
+        f"`with {what}, {later}:` ({frame.f_code.co_filename}:{node.lineno}): the body runs alongside the model "
         f"while `with {what}` is entered, before `{later}` would be. Write them first "
         f"(`with {later}, {what}:`) or nest them inside the body"
     )
