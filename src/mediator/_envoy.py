@@ -81,9 +81,9 @@ class Envoy:
                 children[name] = made[id(child)]
         object.__setattr__(self, "_children", children)
         object.__setattr__(self, "_items", tuple(children.values()))
-        for name, child in children.items():
+        for name, envoy in children.items():
             if not hasattr(type(self), name):  # the Envoy API keeps precedence over children
-                self.__dict__[name] = child  # found by plain lookup, without __getattr__
+                self.__dict__[name] = envoy  # found by plain lookup, without __getattr__
 
     # -- the module tree ------------------------------------------------------------------
 

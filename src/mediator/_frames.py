@@ -5,7 +5,7 @@ frame and the names it binds go back there when the trace ends: at module level 
 bodies, IPython cells) through the namespace dict; in functions through the fast locals, which
 Python 3.13 (PEP 667) writes through `frame.f_locals` and 3.10-3.12 write through
 `PyFrame_LocalsToFast` from the `f_locals` snapshot; a name the body deleted is written as
-`UNBOUND` and unbound (3.13 cannot unbind a function's fast local: `_source` refuses such a
+`UNBOUND` and unbound (3.12+ cannot unbind a function's fast local: `_source` refuses such a
 `del`). Reading `f_locals` there fills the snapshot
 with every local of the function; we empty it again (the next `locals()` refills it), so it keeps
 no activation alive after the user deletes a name.

@@ -310,10 +310,10 @@ def _analyse(
     classes = [outer.name for outer in around if isinstance(outer, ast.ClassDef)]
     owner = classes[-1] if classes else None
     function = scope if isinstance(scope, (ast.FunctionDef, ast.AsyncFunctionDef)) else None
-    if _deleted(node.body) and sys.version_info >= (3, 13) and function is not None:
+    if _deleted(node.body) and sys.version_info >= (3, 12) and function is not None:
         raise UsageError(
             f"`del {sorted(_deleted(node.body))[0]}` in a with-body inside a function cannot "
-            f"unbind the function's name on Python 3.13 ({filename}:{node.body[0].lineno}): "
+            f"unbind the function's name on Python 3.12+ ({filename}:{node.body[0].lineno}): "
             "write the `del` after the `with` block"
         )
     assigns, declared = _assigned_names(node.body)
@@ -386,8 +386,9 @@ def _reject_later_items(node: ast.With, frame: types.FrameType, what: str) -> No
         return
     later = ", ".join(ast.unparse(item) for item in node.items[ours + 1 :])
     raise UsageError(
-        f"`with {what}, {later}:` ({frame.f_code.co_filename}:{node.lineno}): the body runs alongside the model "
-        f"while `with {what}` is entered, before `{later}` would be. Write them first "
+        f"`with {what}, {later}:` ({frame.f_code.co_filename}:{node.lineno}): the body runs "
+        f"alongside the model while `with {what}` is entered, before `{later}` would be. "
+        "Write them first "
         f"(`with {later}, {what}:`) or nest them inside the body"
     )
 
@@ -430,10 +431,10 @@ def _reject_crossing(statements: list[ast.stmt], filename: str) -> None:
         node, in_loop = stack.pop()
         if isinstance(node, _NESTED_SCOPES):
             continue
-        crossing = isinstance(node, (ast.Return, ast.Yield, ast.YieldFrom, ast.Await)) or (
-            isinstance(node, (ast.Break, ast.Continue)) and not in_loop
-        )
-        if crossing:
+        leaving = (ast.Return, ast.Yield, ast.YieldFrom, ast.Await, ast.Break, ast.Continue)
+        if isinstance(node, leaving) and not (
+            in_loop and isinstance(node, (ast.Break, ast.Continue))
+        ):
             word = {"YieldFrom": "yield from"}.get(type(node).__name__, type(node).__name__.lower())
             raise UsageError(
                 f"`{word}` at {filename}:{node.lineno} would leave the with-body, which runs as "
