@@ -113,6 +113,17 @@ CASES = {
         """,
         ["module", "function", "method"],
     ),
+    "locals": (
+        """
+        a, b = 1, 2
+        with CM():
+            total = a + b
+            if __debug__:
+                checked = True
+        result = (total, checked)
+        """,
+        ["module", "function", "method"],
+    ),
     "global": (
         """
         global G
@@ -231,7 +242,7 @@ _IPYTHON = textwrap.dedent(
     report["%%time"] = shell.user_ns.get("timed")
     cell("%time with Run(): line_timed = 3\\n")
     report["%time"] = shell.user_ns.get("line_timed")
-    report["%timeit"] = cell("%timeit -n1 -r1 with Run(): timeit_line = 5\n")
+    report["%timeit"] = cell("%timeit -n1 -r1 with Run(): timeit_line = 5\\n")
     report["%%timeit"] = cell("%%timeit -n1 -r1\\nwith Run():\\n    timeit_ran = 4\\n")
     report["traceback"] = cell("x = 1\\nwith Run():\\n    y = 2\\n    raise IndexError(y)\\n")
     report["def"] = cell(

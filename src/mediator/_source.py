@@ -268,7 +268,7 @@ def _spelled(statements: list[ast.stmt]) -> set[str]:
             continue
         if isinstance(node, (ast.If, ast.While)) and isinstance(node.test, ast.Constant):
             continue
-        if isinstance(node, ast.Name):
+        if isinstance(node, ast.Name) and node.id != "__debug__":  # a constant to the compiler
             names.add(node.id)
         elif isinstance(node, ast.Attribute):
             names.add(node.attr)
@@ -283,11 +283,14 @@ def _spelled(statements: list[ast.stmt]) -> set[str]:
 
 
 def _names_on_lines(code: types.CodeType, first: int, last: int) -> set[str]:
-    return {
-        instruction.argval
-        for instruction, line in _instructions(code)
-        if first <= line <= last and isinstance(instruction.argval, str)
-    }
+    names: set[str] = set()
+    for instruction, line in _instructions(code):
+        if first <= line <= last:
+            value = instruction.argval  # 3.13 pairs names: LOAD_FAST_LOAD_FAST ("a", "b")
+            for name in value if isinstance(value, tuple) else (value,):
+                if isinstance(name, str):
+                    names.add(name)
+    return names
 
 
 def _instructions(code: types.CodeType) -> Iterator[tuple[dis.Instruction, int]]:
