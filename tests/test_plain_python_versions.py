@@ -40,6 +40,7 @@ _DRIVER = textwrap.dedent(
             frame = sys._getframe(1)
             body = source_.capture(frame, "Run()")
             scope = frames.read_names(frame, body.reads)
+            frames.check_unbinding(frame, body.deletes, scope)
             if body.as_name:
                 scope[body.as_name] = self
                 frames.write_names(frame, {body.as_name: self})
@@ -171,6 +172,21 @@ CASES = {
         """,
         ["module", "function", "method"],
     ),
+    "del-temporary": (
+        """
+        with CM():
+            temporary = 1
+            del temporary
+            kept = 2
+        try:
+            temporary
+            has_temporary = True
+        except NameError:
+            has_temporary = False
+        result = (has_temporary, kept)
+        """,
+        ["module", "function", "method"],
+    ),
     "qualnames": (
         """
         with CM():
@@ -210,7 +226,7 @@ def test_plain_python_cases_on_python(version: str, tmp_path: Path) -> None:
     for path, case in paths.items():
         plain, traced = report[path]
         if version >= "3.12" and case in ("del-walrus/function", "del-walrus/method"):
-            assert traced.startswith("UsageError") and "write the `del` after" in traced
+            assert traced.startswith("UsageError") and "write `del gone` after the" in traced
             continue
         assert traced == plain, case
     assert report["-c"] == "ran"

@@ -5,8 +5,8 @@ frame and the names it binds go back there when the trace ends: at module level 
 bodies, IPython cells) through the namespace dict; in functions through the fast locals, which
 Python 3.13 (PEP 667) writes through `frame.f_locals` and 3.10-3.12 write through
 `PyFrame_LocalsToFast` from the `f_locals` snapshot; a name the body deleted is written as
-`UNBOUND` and unbound (3.12+ cannot unbind a function's fast local: `_source` refuses such a
-`del`). Reading `f_locals` there fills the snapshot
+`UNBOUND` and unbound (3.12+ cannot unbind a function's local: `check_unbinding` refuses
+such a `del` before the trace runs). Reading `f_locals` there fills the snapshot
 with every local of the function; we empty it again (the next `locals()` refills it), so it keeps
 no activation alive after the user deletes a name.
 
@@ -40,6 +40,23 @@ def read_names(frame: types.FrameType, names: Iterable[str]) -> dict[str, Any]:
     if _optimized(frame) and not _PEP_667:
         scope.clear()  # the snapshot we just filled would keep every local alive
     return found
+
+
+def check_unbinding(
+    frame: types.FrameType, deletes: Iterable[tuple[str, int]], bound: dict[str, Any]
+) -> None:
+    """Raise `UsageError` if a body's `del name` (with its line) would have to unbind a name
+    that `frame` has `bound`, where this Python cannot: a function's local on 3.12+."""
+    if not _optimized(frame) or sys.version_info < (3, 12):
+        return
+    for name, line in deletes:
+        if name in bound:
+            raise UsageError(
+                f"`del {name}` at {frame.f_code.co_filename}:{line} cannot unbind `{name}`, "
+                "a local of the function around the with-body, on Python 3.12+ (CPython has no "
+                f"way to unbind a function's local from outside it): write `del {name}` after "
+                "the `with` block"
+            )
 
 
 #: The value `write_names` takes for a name to unbind, as `del name` would.

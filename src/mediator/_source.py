@@ -72,6 +72,7 @@ class BodySource:
     loads: frozenset[str]  # names read anywhere in the body
     assigns: frozenset[str]  # names bound or deleted in the caller's scope by the body
     declared_global: frozenset[str]  # by the body or the scope around it
+    deletes: tuple[tuple[str, int], ...]  # (name, line) of each `del name` at the body's level
     trivial: bool  # only `pass`, `...` or strings: nothing to run
     flags: int
     class_name: str | None  # the innermost enclosing class: mangling, `__class__`
@@ -243,10 +244,15 @@ def _runs_as(node: ast.With, around: list[ast.AST], frame: types.FrameType) -> b
     or another block moved to these lines, fails this."""
     first = node.body[0].lineno
     last = _last_line(node)
-    classes = [scope.name for scope in around if isinstance(scope, ast.ClassDef)]
-    owner = classes[-1] if classes else None
+    owner = _class_of(around)
     spelled = {_mangled(name, owner) for name in _spelled(node.body)}
     return spelled <= _names_on_lines(frame.f_code, first, last)
+
+
+def _class_of(around: list[ast.AST]) -> str | None:
+    """The name of the innermost class around a statement, if any."""
+    classes = [outer.name for outer in around if isinstance(outer, ast.ClassDef)]
+    return classes[-1] if classes else None
 
 
 def _mangled(name: str, owner: str | None) -> str:
@@ -283,6 +289,7 @@ def _spelled(statements: list[ast.stmt]) -> set[str]:
 
 
 def _names_on_lines(code: types.CodeType, first: int, last: int) -> set[str]:
+    """The names and attributes `code`'s instructions on lines `first..last` use."""
     names: set[str] = set()
     for instruction, line in _instructions(code):
         if first <= line <= last:
@@ -310,15 +317,8 @@ def _analyse(
     _reject_later_items(node, frame, what)
     _reject_crossing(node.body, filename)
     scope = around[-1] if around else None
-    classes = [outer.name for outer in around if isinstance(outer, ast.ClassDef)]
-    owner = classes[-1] if classes else None
+    owner = _class_of(around)
     function = scope if isinstance(scope, (ast.FunctionDef, ast.AsyncFunctionDef)) else None
-    if _deleted(node.body) and sys.version_info >= (3, 12) and function is not None:
-        raise UsageError(
-            f"`del {sorted(_deleted(node.body))[0]}` in a with-body inside a function cannot "
-            f"unbind the function's name on Python 3.12+ ({filename}:{node.body[0].lineno}): "
-            "write the `del` after the `with` block"
-        )
     assigns, declared = _assigned_names(node.body)
     if isinstance(scope, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
         declared |= _globals(scope.body)
@@ -343,6 +343,7 @@ def _analyse(
         loads=mangle(_loaded_names(node.body)),
         assigns=mangle(assigns - declared),
         declared_global=mangle(declared),
+        deletes=tuple((_mangled(name, owner), line) for name, line in _deleted(node.body)),
         trivial=all(_is_trivial(s) for s in node.body),
         flags=frame.f_code.co_flags & _FUTURE_FLAGS,
         class_name=owner,
@@ -460,15 +461,15 @@ def _globals(statements: list[ast.stmt]) -> set[str]:
     }
 
 
-def _deleted(statements: list[ast.stmt]) -> set[str]:
-    """The names the body's own code unbinds with `del`."""
-    return {
-        target.id
+def _deleted(statements: list[ast.stmt]) -> list[tuple[str, int]]:
+    """The names the body's own code unbinds with `del`, and where."""
+    return [
+        (target.id, node.lineno)
         for node in _own_scope(statements)
         if isinstance(node, ast.Delete)
         for target in node.targets
         if isinstance(target, ast.Name)
-    }
+    ]
 
 
 def _assigned_names(statements: list[ast.stmt]) -> tuple[set[str], set[str]]:
@@ -593,7 +594,9 @@ def _argument_names(arguments: ast.arguments) -> set[str]:
     return names
 
 
-def parameters(source: BodySource, scope: dict[str, Any], cross: frozenset[str]) -> tuple[str, ...]:
+def _parameters(
+    source: BodySource, scope: dict[str, Any], cross: frozenset[str]
+) -> tuple[str, ...]:
     """The body function's parameters: the enclosing names it gets, the enclosing function's
     first parameter first (zero-argument `super()` reads it there)."""
     names = sorted(name for name in scope if name not in cross and name != CLASS_CELL)
@@ -617,7 +620,7 @@ def make_body(
     `cross` names are read through `lookup(...)`; as the body ends, for any reason, it calls
     `keep(locals())`.
     """
-    params = parameters(source, scope, cross)
+    params = _parameters(source, scope, cross)
     code = compile_body(source, params, cross)
     cells = {KEEP: keep, LOOKUP: lookup, LOCALS: builtins.locals, CLASS_CELL: scope.get(CLASS_CELL)}
     closure = tuple(types.CellType(cells[name]) for name in code.co_freevars)

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 from ._affinity import restore_current_thread, trace_cpu
 from ._cache import Cache
 from ._errors import LateEditWarning, MediatorError, UsageError, _LoopEnd, _SkipBody, _Stop
-from ._frames import UNBOUND, BodySkipper, read_names, write_names
+from ._frames import UNBOUND, BodySkipper, check_unbinding, read_names, write_names
 from ._interleaver import Barrier, Interleaver, _Abort
 from ._mediator import Mediator, _local, _user_traceback, current_mediator
 from ._source import BodySource, capture, check_items, make_body
@@ -119,11 +119,12 @@ class Invoke:
                 f"tr.invoke(...).run() needs a callable, got {type(fn).__name__}; pass the "
                 "function itself, e.g. .run(fn, arg) rather than .run(fn(arg))"
             )
-        if (
-            inspect.isgeneratorfunction(fn)
-            or inspect.iscoroutinefunction(fn)
-            or (inspect.isasyncgenfunction(fn))
-        ):
+        lazy = (
+            inspect.isgeneratorfunction,
+            inspect.iscoroutinefunction,
+            inspect.isasyncgenfunction,
+        )
+        if any(test(fn) for test in lazy):
             kind = "a coroutine" if inspect.iscoroutinefunction(fn) else "a generator"
             raise UsageError(
                 f"tr.invoke(...).run({getattr(fn, '__qualname__', fn)!r}) got {kind} function: "
@@ -139,6 +140,7 @@ class Invoke:
         source = capture(frame, what)
         self.source = source
         self.scope = read_names(frame, source.reads)
+        check_unbinding(frame, source.deletes, self.scope)
         if source.as_name is not None:
             self.scope[source.as_name] = entered
             write_names(frame, {source.as_name: entered})  # bound whatever the body does
