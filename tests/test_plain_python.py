@@ -9,6 +9,7 @@ interpreters and IPython: `test_plain_python_versions.py`.
 from __future__ import annotations
 
 import contextlib
+import json
 import runpy
 import subprocess
 import sys
@@ -384,3 +385,48 @@ def test_a_module_registered_twice_is_indexed_as_the_module_is():
     with model.trace(torch.ones(1, 4)):
         first = model[2].output
     assert first.shape == (1, 4)
+
+
+_IPYTHON_CELLS = textwrap.dedent(
+    """
+    import contextlib, io, json, sys
+    sys.path.append(sys.argv[1])  # where IPython is installed, if not with torch
+    from IPython.core.interactiveshell import InteractiveShell
+
+    shell = InteractiveShell.instance()
+    shell.run_line_magic("colors", "NoColor")
+    shell.run_cell("import torch, mediator\\nfrom torch import nn\\n"
+                   "model = mediator.Model(nn.Sequential(nn.Linear(2, 2)))", store_history=True)
+    shown = []
+    for cell in [
+        "x = torch.ones(1, 2)\\nwith model.trace(x) as tr:\\n    h = model[0].output\\n"
+        "    raise IndexError(h.shape)\\n",
+        "%%time\\nwith model.trace(torch.ones(1, 2)):\\n    timed = model[0].output\\n",
+    ]:
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            shell.run_cell(cell, store_history=True)
+        shown.append(out.getvalue())
+    names = [name in shell.user_ns for name in ("tr", "h", "timed")]
+    print(json.dumps([shown, names]))
+    """
+)
+
+
+def test_ipython_shows_the_cells_own_line_and_binds_names():
+    major, minor, micro = sys.version_info[:3]
+    site = f"/root/.pyenv/versions/{major}.{minor}.{micro}/lib/python{major}.{minor}/site-packages"
+    done = subprocess.run(
+        [sys.executable, "-c", _IPYTHON_CELLS, site],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    if "No module named 'IPython'" in done.stderr:
+        pytest.skip("IPython is not installed for this interpreter")
+    assert done.returncode == 0, done.stderr
+    (error, timed), names = json.loads(done.stdout.strip().splitlines()[-1])
+    assert "----> 4     raise IndexError(h.shape)" in error, error
+    assert "__mediator" not in error
+    assert "Wall time" in timed, timed
+    assert names == [True, True, True]
