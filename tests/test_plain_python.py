@@ -237,6 +237,24 @@ def test_leaving_the_body_is_a_usage_error_before_the_forward(tmp_path, model, s
     assert calls == []
 
 
+@pytest.mark.parametrize("statement", ["await asyncio.sleep(0)", "return 1"])
+def test_leaving_a_body_in_a_coroutine_is_a_usage_error(tmp_path, model, statement):
+    code = f"""
+        import asyncio
+        async def run():
+            with CM():
+                h = 1
+                {statement}
+        result = asyncio.run(run())
+    """
+    path = tmp_path / "coroutine.py"
+    path.write_text(textwrap.dedent(code))
+    x = torch.randn(2, 8)
+    word = statement.split()[0]
+    with pytest.raises(UsageError, match=rf"`{word}` at .*coroutine\.py:6 would leave"):
+        runpy.run_path(str(path), init_globals={"CM": lambda: model.trace(x)})
+
+
 def test_leaving_an_invoke_resolves_the_futures_of_the_trace(tmp_path, model):
     code = """
         import torch
