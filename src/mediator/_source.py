@@ -41,7 +41,7 @@ _LOOPS = (ast.For, ast.AsyncFor, ast.While)
 
 #: Names the compiled body reaches through its closure: the mediator's hooks, and the class
 #: cell of zero-argument `super()`.
-KEEP, LOOKUP, LOCALS, CLASS_CELL = (
+_KEEP, _LOOKUP, _LOCALS, _CLASS_CELL = (
     "__mediator_keep__",
     "__mediator_name__",
     "__mediator_locals__",
@@ -87,7 +87,7 @@ class BodySource:
         zero-argument `super()`."""
         names = set(self.loads | self.assigns)
         if "super" in self.loads and self.class_name is not None:
-            names.add(CLASS_CELL)
+            names.add(_CLASS_CELL)
             if self.first_arg is not None:
                 names.add(self.first_arg)
         return frozenset(names - self.declared_global)
@@ -392,8 +392,7 @@ def _reject_later_items(node: ast.With, frame: types.FrameType, what: str) -> No
     raise UsageError(
         f"`with {what}, {later}:` ({frame.f_code.co_filename}:{node.lineno}): the body runs "
         f"alongside the model while `with {what}` is entered, before `{later}` would be. "
-        "Write them first "
-        f"(`with {later}, {what}:`) or nest them inside the body"
+        f"Write them first (`with {later}, {what}:`) or nest them inside the body"
     )
 
 
@@ -536,7 +535,7 @@ class _CrossLoads(ast.NodeTransformer):
             and not any(node.id in scope for scope in self.shadowed)
         ):
             call = ast.Call(
-                func=ast.Name(id=LOOKUP, ctx=ast.Load()),
+                func=ast.Name(id=_LOOKUP, ctx=ast.Load()),
                 args=[ast.Constant(name)],
                 keywords=[],
             )
@@ -599,7 +598,7 @@ def _parameters(
 ) -> tuple[str, ...]:
     """The body function's parameters: the enclosing names it gets, the enclosing function's
     first parameter first (zero-argument `super()` reads it there)."""
-    names = sorted(name for name in scope if name not in cross and name != CLASS_CELL)
+    names = sorted(name for name in scope if name not in cross and name != _CLASS_CELL)
     first = source.first_arg
     if first is not None and first in names:
         names.remove(first)
@@ -622,7 +621,12 @@ def make_body(
     """
     params = _parameters(source, scope, cross)
     code = compile_body(source, params, cross)
-    cells = {KEEP: keep, LOOKUP: lookup, LOCALS: builtins.locals, CLASS_CELL: scope.get(CLASS_CELL)}
+    cells = {
+        _KEEP: keep,
+        _LOOKUP: lookup,
+        _LOCALS: builtins.locals,
+        _CLASS_CELL: scope.get(_CLASS_CELL),
+    }
     closure = tuple(types.CellType(cells[name]) for name in code.co_freevars)
     function = types.FunctionType(code, globals_, code.co_name, None, closure)
     return function, tuple(scope[name] for name in params)
@@ -641,8 +645,8 @@ def compile_body(
         statements = [_CrossLoads(cross, source.mangle).visit(s) for s in statements]
     keep = ast.Expr(
         ast.Call(
-            func=ast.Name(KEEP, ast.Load()),
-            args=[ast.Call(ast.Name(LOCALS, ast.Load()), [], [])],
+            func=ast.Name(_KEEP, ast.Load()),
+            args=[ast.Call(ast.Name(_LOCALS, ast.Load()), [], [])],
             keywords=[],
         )
     )
@@ -651,7 +655,7 @@ def compile_body(
         declared.append(ast.Global(sorted(source.declared_global)))
     body = ast.Try(body=statements, handlers=[], orelse=[], finalbody=[keep])
     function = _function(_BODY, params, [*declared, body])
-    scope = _function(_SCOPE, (KEEP, LOOKUP, LOCALS), [function])
+    scope = _function(_SCOPE, (_KEEP, _LOOKUP, _LOCALS), [function])
     outer: ast.stmt = scope
     if source.class_name is not None:
         outer = ast.ClassDef(
