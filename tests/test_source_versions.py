@@ -15,7 +15,7 @@ SRC = str(Path(__file__).resolve().parent.parent / "src" / "mediator")
 
 _PROGRAM = textwrap.dedent(
     '''
-    import builtins, importlib.util, sys, types
+    import importlib.util, sys, types
 
     package = types.ModuleType("fake"); package.__path__ = [sys.argv[1]]
     sys.modules["fake"] = package
@@ -37,16 +37,14 @@ _PROGRAM = textwrap.dedent(
         def __enter__(self):
             frame = sys._getframe(1)
             body = source_.capture(frame, "Run()")
-            scope = frames.read_names(frame, body.loads | body.assigns)
+            scope = frames.read_names(frame, body.reads)
             if body.as_name:
                 scope[body.as_name] = self
             cross = frozenset((body.loads - body.assigns) & self.shared)
-            params = tuple(sorted(n for n in scope if n not in cross))
-            code = source_.compile_body(body, params, cross)
             kept = []
-            function = types.FunctionType(code, frame.f_globals)
-            function(kept.append, lambda name: ("shared", name), builtins.locals,
-                     *(scope[n] for n in params))
+            function, args = source_.make_body(
+                body, scope, cross, frame.f_globals, kept.append, lambda name: ("shared", name))
+            function(*args)
             frames.write_names(frame, {n: kept[0][n] for n in body.assigns if n in kept[0]})
             self.skipper = None
             if not body.trivial:

@@ -61,15 +61,18 @@ class Envoy:
         object.__setattr__(self, "_path", path)
         object.__setattr__(self, "_model", model)
         object.__setattr__(self, "_site", model._traced.sites.get(id(module)))
-        children = {
-            name: Envoy(child, f"{path}.{name}" if path else name, model)
-            for name, child in module.named_children()
-        }
+        made: dict[int, Envoy] = {}  # a module registered twice is one Envoy, at its first path
+        children: dict[str, Envoy] = {}
+        for name, child in module._modules.items():
+            if child is not None:
+                if id(child) not in made:
+                    made[id(child)] = Envoy(child, f"{path}.{name}" if path else name, model)
+                children[name] = made[id(child)]
         object.__setattr__(self, "_children", children)
         object.__setattr__(self, "_items", tuple(children.values()))
-        for name, child in children.items():
+        for name, envoy in children.items():
             if not hasattr(type(self), name):  # the Envoy API keeps precedence over children
-                self.__dict__[name] = child  # found by plain lookup, without __getattr__
+                self.__dict__[name] = envoy  # found by plain lookup, without __getattr__
 
     # -- the module tree ------------------------------------------------------------------
 
@@ -138,7 +141,7 @@ class Envoy:
             ) from None
 
     def __len__(self) -> int:
-        return len(self._children)
+        return len(self._items)
 
     def __iter__(self) -> Iterator[Envoy]:
         return iter(self._items)

@@ -33,8 +33,9 @@ class UsageError(MediatorError, RuntimeError):
     is itself the single invoke) or inside another invoke's body; a trace where no invoke has
     inputs; `tr.result` read before the trace ran; generation options such as `max_new_tokens`
     given to `model.trace` instead of `model.generate`; `.output` of a container the model never
-    calls itself (a `ModuleList`); and `return` or `yield` inside a with-body. It is a
-    `RuntimeError` too.
+    calls itself (a `ModuleList`); `break`, `continue`, `return`, `yield` or `await` that would
+    leave a with-body; context managers after the trace in the same `with` statement; and
+    `.run()` given a generator or coroutine function. It is a `RuntimeError` too.
 
     Example:
 
@@ -115,11 +116,12 @@ class ShapeError(MediatorError, ValueError):
 
 
 class SourceUnavailableError(UsageError):
-    """The source of a with-block body cannot be found (plain REPL, `exec` of a string).
+    """The source of a with-block body cannot be found (`exec` of a string, an edited file).
 
-    A with-body runs from its source code, which `mediator` reads from your file or notebook
-    cell. A plain `python` REPL and `exec` of a string keep no source, and a file edited after it
-    was imported no longer matches. Use the function form there: it needs no source.
+    A with-body runs from its source code, which `mediator` reads from your file, notebook cell,
+    `python -c` command or 3.13 REPL input, and checks against the code Python runs. `exec` of a
+    string and the REPL before 3.13 keep no source, and a file edited after it was imported no
+    longer matches. Use the function form there: it needs no source.
 
     Example:
 

@@ -4,7 +4,9 @@ A with-body runs as a function in a mediator thread, so the names it uses come f
 frame and the names it binds go back there when the trace ends: at module level (and in class
 bodies, IPython cells) through the namespace dict; in functions through the fast locals, which
 Python 3.13 (PEP 667) writes through `frame.f_locals` and 3.10-3.12 write through
-`PyFrame_LocalsToFast` from the `f_locals` snapshot. Reading `f_locals` there fills the snapshot
+`PyFrame_LocalsToFast` from the `f_locals` snapshot; a name the body deleted is written as
+`UNBOUND` and unbound (3.12+ cannot unbind a function's local: `check_unbinding` refuses
+such a `del` before the trace runs). Reading `f_locals` there fills the snapshot
 with every local of the function; we empty it again (the next `locals()` refills it), so it keeps
 no activation alive after the user deletes a name.
 
@@ -41,17 +43,46 @@ def read_names(frame: types.FrameType, names: Iterable[str]) -> dict[str, Any]:
     return found
 
 
+def check_unbinding(
+    frame: types.FrameType, deletes: Iterable[tuple[str, int]], bound: dict[str, Any]
+) -> None:
+    """Raise `UsageError` if a body's `del name` (with its line) would have to unbind a name
+    that `frame` has `bound`, where this Python cannot: a function's local on 3.12+."""
+    if not _optimized(frame) or sys.version_info < (3, 12):
+        return
+    for name, line in deletes:
+        if name in bound:
+            raise UsageError(
+                f"`del {name}` at {frame.f_code.co_filename}:{line} cannot unbind `{name}`, "
+                "a local of the function around the with-body, on Python 3.12+ (CPython has no "
+                f"way to unbind a function's local from outside it): write `del {name}` after "
+                "the `with` block"
+            )
+
+
+#: The value `write_names` takes for a name to unbind, as `del name` would.
+UNBOUND: Any = object()
+
+
 def write_names(frame: types.FrameType, values: dict[str, Any]) -> None:
-    """Bind `values` in `frame`'s local scope, as if the frame had assigned them."""
+    """Bind `values` in `frame`'s local scope, as if the frame had assigned them (and unbind
+    those given as `UNBOUND`, if bound)."""
     if not values:
         return
     scope = frame.f_locals
     if not _optimized(frame) or _PEP_667:
         for name, value in values.items():
-            scope[name] = value
+            if value is not UNBOUND:
+                scope[name] = value
+            elif name in scope:
+                del scope[name]
         return
     scope.update(values)
-    ctypes.pythonapi.PyFrame_LocalsToFast(ctypes.py_object(frame), ctypes.c_int(0))
+    unbind = [name for name, value in values.items() if value is UNBOUND]
+    for name in unbind:
+        del scope[name]
+    clear = ctypes.c_int(1 if unbind else 0)  # 1: locals missing from the snapshot are unbound
+    ctypes.pythonapi.PyFrame_LocalsToFast(ctypes.py_object(frame), clear)
     scope.clear()
 
 

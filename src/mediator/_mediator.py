@@ -64,7 +64,7 @@ class Mediator:
         self,
         tracer: Any,
         index: int,
-        body: Callable[..., Any],
+        body: Callable[..., Any] | None,
         args: tuple[Any, ...],
         rows: slice | None,
         torch_state: TorchState,

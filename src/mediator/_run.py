@@ -20,7 +20,6 @@ This module owns no state beyond one run's locals.
 
 from __future__ import annotations
 
-import builtins
 import contextlib
 import time
 import types
@@ -33,13 +32,13 @@ from ._affinity import restore_current_thread, trace_cpu
 from ._batcher import Inputs
 from ._cache import Cache
 from ._errors import MediatorError, UsageError
-from ._frames import write_names
+from ._frames import UNBOUND, write_names
 from ._interleaver import Interleaver
 from ._interrupts import model_call_site, routed_to
 from ._late_edits import warn
 from ._mediator import Mediator
 from ._protocol import Abort, MediatorState, StopForward
-from ._source import BodySource, compile_body
+from ._source import BodySource, make_body
 from ._tap import attach, detach
 from ._torchstate import TorchState
 from ._traced import Traced
@@ -164,26 +163,21 @@ def _build_mediator(
     assert source is not None
     scope = spec.scope
     cross = frozenset((source.loads - source.assigns - source.declared_global) & shared)
-    params = tuple(sorted(name for name in scope if name not in cross))
-    code = compile_body(source, params, cross)
     mediator = Mediator(
         owner,
         index,
-        types.FunctionType(code, globals_),
+        None,
         (),
         rows,
         state,
         assigns=source.assigns,
         fallbacks={name: scope[name] for name in cross if name in scope},
         initial={name: scope[name] for name in source.assigns if name in scope},
-        code=code,
     )
-    mediator.args = (
-        mediator.keep_locals,
-        mediator.lookup_name,
-        builtins.locals,
-        *(scope[name] for name in params),
+    body, mediator.args = make_body(
+        source, scope, cross, globals_, mediator.keep_locals, mediator.lookup_name
     )
+    mediator.body, mediator.code = body, body.__code__
     return mediator
 
 
@@ -227,8 +221,12 @@ def _settle(
         mediator = mediators[position] if position < len(mediators) else None
         ended = mediator if mediator is not None and mediator.ended else None
         if spec.source is not None and ended is not None and ended.final_locals is not None:
-            bound = ended.final_locals
-            names.update((n, bound[n]) for n in spec.source.assigns if n in bound)
+            final = ended.final_locals  # a name the body deleted is unbound in the caller too
+            names.update(
+                (name, final.get(name, UNBOUND))
+                for name in spec.source.assigns
+                if name in final or name in spec.scope
+            )
         if spec.future is not None:
             if ended is not None and ended.state is MediatorState.DONE and ended.error is None:
                 spec.future.resolve(ended.result, None)

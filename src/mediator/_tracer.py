@@ -14,6 +14,7 @@ of the trace is left.
 from __future__ import annotations
 
 import concurrent.futures
+import inspect
 import sys
 import types
 from collections.abc import Callable, Iterator
@@ -24,11 +25,11 @@ from ._barrier import Barrier
 from ._cache import Cache
 from ._callsite import user_traceback
 from ._errors import MediatorError, UsageError
-from ._frames import BodySkipper, read_names
+from ._frames import BodySkipper, check_unbinding, read_names, write_names
 from ._names import closest_hint
 from ._protocol import SkipBody, TraceState
 from ._run import InvokeSpec, run_trace
-from ._source import BodySource, capture
+from ._source import BodySource, capture, check_items
 from ._steps import Steps
 from ._traced import Traced
 from ._tree import tensors
@@ -119,6 +120,18 @@ class Invoke:
                 f"tr.invoke(...).run() needs a callable, got {type(fn).__name__}; pass the "
                 "function itself, e.g. .run(fn, arg) rather than .run(fn(arg))"
             )
+        lazy = (
+            inspect.isgeneratorfunction,
+            inspect.iscoroutinefunction,
+            inspect.isasyncgenfunction,
+        )
+        if any(test(fn) for test in lazy):
+            kind = "a coroutine" if inspect.iscoroutinefunction(fn) else "a generator"
+            raise UsageError(
+                f"tr.invoke(...).run({getattr(fn, '__qualname__', fn)!r}) got {kind} function: "
+                "calling it would only create the object, not run its body. Pass a plain "
+                "function (collect values in a list and return it)"
+            )
         self.tracer._add(self, "tr.invoke(...).run(fn)")
         self.function = (fn, args, kwargs)
         self.future = InvokeFuture(self.tracer)
@@ -127,9 +140,11 @@ class Invoke:
     def _capture(self, frame: types.FrameType, entered: Any, what: str) -> None:
         source = capture(frame, what)
         self.source = source
-        self.scope = read_names(frame, source.loads | source.assigns)
+        self.scope = read_names(frame, source.reads)
+        check_unbinding(frame, source.deletes, self.scope)
         if source.as_name is not None:
             self.scope[source.as_name] = entered
+            write_names(frame, {source.as_name: entered})  # bound whatever the body does
 
     def _skip(self, frame: types.FrameType) -> None:
         """Make the caller jump over the body (the mediator runs it)."""
@@ -196,6 +211,8 @@ class Tracer:
             own._capture(frame, self, "model.trace(...)")
             self._run(frame)
             own._skip(frame)
+        else:
+            check_items(frame, "model.trace()")
         return self
 
     def __exit__(self, kind: Any, error: Any, tb: Any) -> bool:
@@ -422,9 +439,7 @@ class Tracer:
         self._state = TraceState.CLOSED
         for invoke in self._invokes:
             if invoke.future is not None:
-                invoke.future.resolve(
-                    None, MediatorError(f"the trace did not run: its block raised {error!r}")
-                )
+                invoke.future.resolve(None, error)  # what stopped the trace, as for a body
             invoke.scope = {}
             invoke.function = invoke.future = None
         self._invokes = []
