@@ -61,6 +61,7 @@ class Envoy:
     """
 
     _module: nn.Module
+    _plain: nn.Module
     _path: str
     _model: Model
     _site: int | None
@@ -69,6 +70,7 @@ class Envoy:
 
     def __init__(self, module: nn.Module, path: str, model: Model) -> None:
         object.__setattr__(self, "_module", module)
+        object.__setattr__(self, "_plain", module)  # what a plain call calls
         object.__setattr__(self, "_path", path)
         object.__setattr__(self, "_model", model)
         object.__setattr__(self, "_site", model._sites.get(id(module)))
@@ -166,7 +168,7 @@ class Envoy:
                 h = model.layers[0].output
                 lens = model.lm_head(model.ln_f(h))   # logits as if the model ended at layer 0
         """
-        return self._module(*args, **kwargs)
+        return self._plain(*args, **kwargs)
 
     def __repr__(self) -> str:
         return repr(self._module)
@@ -327,6 +329,11 @@ class Model(Envoy):
     (by default `CausalLMBatcher` for language models that have `generate` and a `config`, else
     `Batcher`); `pin_threads=False` stops a trace from keeping its threads on the caller's CPU.
 
+    A compiled module works too. `Model(torch.compile(net))` has the paths of `net`, and plain
+    calls (`model(x)`) run the compiled code; traces run the module eagerly, since interventions
+    run in Python between its modules, and leave dynamo's caches as they were, so that plain calls
+    after a trace run the compiled code again (also for `net.compile()`).
+
     Example:
 
         import torch, mediator
@@ -344,6 +351,7 @@ class Model(Envoy):
     ) -> None:
         if not isinstance(module, nn.Module):
             raise TypeError(f"mediator.Model wraps a torch.nn.Module, got {type(module).__name__}")
+        plain, module = module, _uncompiled(module)
         paths: list[str] = []
         taps: list[Tap] = []
         sites: dict[int, int] = {}
@@ -359,6 +367,7 @@ class Model(Envoy):
         object.__setattr__(self, "_batcher", batcher or _default_batcher(module))
         object.__setattr__(self, "_pin_threads", pin_threads)
         super().__init__(module, "", self)
+        object.__setattr__(self, "_plain", plain)
 
     def trace(self, *args: Any, **kwargs: Any) -> Tracer:
         """A trace: with inputs, its with-body is the single invoke; without, it holds
@@ -405,6 +414,17 @@ class Model(Envoy):
                 "for a forward pass"
             )
         return Tracer(self, args, kwargs, method="generate")
+
+
+def _uncompiled(module: nn.Module) -> nn.Module:
+    """The module that a `torch.compile(net)` wrapper compiles (`net`), else `module` itself."""
+    while type(module).__name__ == "OptimizedModule":
+        from torch._dynamo.eval_frame import OptimizedModule  # loaded already: it made `module`
+
+        if not isinstance(module, OptimizedModule):
+            return module
+        module = module._orig_mod
+    return module
 
 
 def _default_batcher(module: nn.Module) -> Batcher:

@@ -6,6 +6,15 @@ other call straight through. Outside traces nothing is installed, so the model c
 it cost before; PyTorch hooks (the user's own included) are never touched and still run around
 the tap. Taps are shared: two traces of the same module from two threads (or two `Model`s wrapping
 it) route by thread, and the last one to leave restores the module's own `forward`.
+
+Compiled modules: a tracing thread never runs compiled code, since a compiled graph cannot stop
+at a boundary to hand a value to a body. A module compiled in place (`net.compile()`, which sets
+`_compiled_call_impl`) also gets, while tapped, a router there that sends the tracing thread's
+calls to the eager `_call_impl` and every other call to the compiled one. When dynamo compiles a
+call of a tapped module made outside the trace (a `torch.compile(net)` the user holds, called
+from an invoke body or another thread), the tap lets it trace the module's own forward
+(`is_dynamo_compiling()`), without a graph break: dynamo's caches stay valid, and plain calls run
+the compiled graph again after the trace.
 """
 
 from __future__ import annotations
@@ -16,6 +25,7 @@ from collections.abc import Callable
 from typing import Any
 
 from torch import nn
+from torch.compiler import is_dynamo_compiling
 
 _ABSENT = object()
 _LOCK = threading.Lock()
@@ -27,27 +37,60 @@ Route = tuple[Any, int]
 class Tap:
     """The `forward` wrapper of one module and the table of threads that trace it."""
 
-    __slots__ = ("module", "attributes", "saved", "routes", "forward")
+    __slots__ = ("module", "attributes", "saved", "routes", "forward", "eager", "compiled")
 
     def __init__(self, module: nn.Module) -> None:
         self.module = module
         self.attributes = module.__dict__
         self.saved = module.__dict__.get("forward", _ABSENT)
+        self.compiled: Callable[..., Any] | None = None  # `_compiled_call_impl` while tapped
         original: Callable[..., Any] = module.forward
+        call_impl: Callable[..., Any] = module._call_impl
         routes: dict[int, Route] = {}
         get_route = routes.get
         get_ident = threading.get_ident
 
         def forward(*args: Any, **kwargs: Any) -> Any:
+            if is_dynamo_compiling():  # dynamo compiles a call made outside any trace
+                return original(*args, **kwargs)
             route = get_route(get_ident())
             if route is None:
                 return original(*args, **kwargs)
             return route[0].call(route[1], original, args, kwargs)
 
+        def eager(*args: Any, **kwargs: Any) -> Any:
+            if get_ident() in routes:
+                return call_impl(*args, **kwargs)
+            compiled = self.compiled
+            assert compiled is not None
+            return compiled(*args, **kwargs)
+
         functools.update_wrapper(forward, original)  # generate() inspects its signature
         forward.__mediator_tap__ = self  # type: ignore[attr-defined]
         self.routes = routes
         self.forward = forward
+        self.eager = eager
+
+    def install(self) -> None:
+        """Put the tap (and the router of a module compiled in place) on the module."""
+        attributes = self.attributes
+        attributes["forward"] = self.forward
+        compiled = attributes.get("_compiled_call_impl")
+        if compiled is not None:
+            self.compiled = compiled
+            attributes["_compiled_call_impl"] = self.eager
+
+    def remove(self) -> None:
+        """Give the module back its own `forward` and compiled call, unless replaced since."""
+        attributes = self.attributes
+        if attributes.get("forward") is self.forward:
+            if self.saved is _ABSENT:
+                del attributes["forward"]
+            else:
+                attributes["forward"] = self.saved
+        if self.compiled is not None and attributes.get("_compiled_call_impl") is self.eager:
+            attributes["_compiled_call_impl"] = self.compiled
+        self.compiled = None
 
 
 def attach(taps: list[Tap], interleaver: Any) -> list[Tap]:
@@ -62,7 +105,7 @@ def attach(taps: list[Tap], interleaver: Any) -> list[Tap]:
         for site, tap in enumerate(taps):
             current = tap.attributes.get("forward", _ABSENT)
             if current is tap.saved:  # untapped, as when the tap was built
-                tap.attributes["forward"] = tap.forward
+                tap.install()
                 active = tap
             elif current is tap.forward:  # tapped by another trace of this Model
                 active = tap
@@ -70,7 +113,7 @@ def attach(taps: list[Tap], interleaver: Any) -> list[Tap]:
                 other: Tap | None = getattr(current, "__mediator_tap__", None)
                 if other is None:  # the module's forward was replaced since: tap it afresh
                     other = taps[site] = Tap(tap.module)
-                    other.attributes["forward"] = other.forward
+                    other.install()
                 active = other
             active.routes[ident] = (interleaver, site)
             attached.append(active)
@@ -84,9 +127,5 @@ def detach(attached: list[Tap]) -> None:
         for tap in attached:
             routes = tap.routes
             del routes[ident]
-            if routes or tap.attributes.get("forward") is not tap.forward:
-                continue  # still traced elsewhere, or replaced by someone else: theirs stays
-            if tap.saved is _ABSENT:
-                del tap.attributes["forward"]
-            else:
-                tap.attributes["forward"] = tap.saved
+            if not routes:  # no other trace remains
+                tap.remove()
