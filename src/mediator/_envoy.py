@@ -217,7 +217,9 @@ class Envoy:
         batch. Setting it (`.output = v`) replaces that value for the rest of the forward pass;
         `v` must have the same structure and shapes (else `ShapeError`). Editing the tensor in
         place (`.output[:, 0] = 0`) changes it too. Inside `tr.iter[...]` it is the output of the
-        module's call numbered `step`, else of its first call. Outside an invoke body it raises
+        module's call numbered `step`, else of its first call. Calls are numbered in the order
+        they start: a module that calls itself returns from its inner calls (higher numbers)
+        before the outer one, so request their outputs first. Outside an invoke body it raises
         `UsageError`; a module the model has already run raises `OutOfOrderError`.
 
         Example:

@@ -205,8 +205,10 @@ class Interleaver:
         self.batcher = batcher
         self.total = total
         sites = len(paths)
-        self.started = [0] * sites  # calls of each site that began
-        self.finished = [0] * sites  # calls of each site whose output boundary passed
+        self.started = [0] * sites  # calls of each site that began, numbered in that order
+        # the calls of each site that began and have not returned, innermost last (a module that
+        # calls itself has several; call c's output boundary passed once c began and left here)
+        self.open_calls: list[list[int]] = [[] for _ in range(sites)]
         # open requests, ops and caches per site, for its inputs and for its outputs
         self.watch = ([0] * sites, [0] * sites)
         self.current: Boundary | None = None
@@ -240,20 +242,24 @@ class Interleaver:
         if self.step_waits and call >= self.step_floor:
             self._wake_steps(call)  # before the call counts as started: its input is still ahead
         self.started[site] = call + 1
-        skip = None
-        watch_inputs, watch_outputs = self.watch
-        if watch_inputs[site]:
-            boundary = self._serve((site, INPUT, call), (args, kwargs))
-            args, kwargs = boundary.merged()
-            if boundary.skips:
-                skip = boundary
-        if skip is None:
-            output = original(*args, **kwargs)
-        else:
-            output = self._skip(skip, original, args, kwargs)
-        if watch_outputs[site]:
-            output = self._serve((site, OUTPUT, call), output).merged()
-        self.finished[site] += 1
+        open_calls = self.open_calls[site]
+        open_calls.append(call)
+        try:
+            skip = None
+            watch_inputs, watch_outputs = self.watch
+            if watch_inputs[site]:
+                boundary = self._serve((site, INPUT, call), (args, kwargs))
+                args, kwargs = boundary.merged()
+                if boundary.skips:
+                    skip = boundary
+            if skip is None:
+                output = original(*args, **kwargs)
+            else:
+                output = self._skip(skip, original, args, kwargs)
+            if watch_outputs[site]:
+                output = self._serve((site, OUTPUT, call), output).merged()
+        finally:
+            open_calls.pop()  # calls nest: the innermost open call is this one
         return output
 
     def finish(self, result: Any) -> None:
@@ -633,9 +639,12 @@ class Interleaver:
     # -- for mediators (called while they hold the baton) ------------------------------------
 
     def passed(self, key: Key) -> bool:
-        """Whether the model already went past boundary `key`."""
+        """Whether the model already went past boundary `key`: the input of a call that began,
+        the output of one that returned (calls of a module that calls itself end innermost
+        first, so the output of call 0 comes after those of the calls it made)."""
         site, kind, call = key
-        return (self.started if kind == INPUT else self.finished)[site] > call
+        began = self.started[site] > call
+        return began if kind == INPUT else began and call not in self.open_calls[site]
 
     def describe(self, key: Key) -> str:
         site, kind, call = key
