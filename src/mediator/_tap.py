@@ -15,6 +15,9 @@ call of a tapped module made outside the trace (a `torch.compile(net)` the user 
 from an invoke body or another thread), the tap lets it trace the module's own forward
 (`is_dynamo_compiling()`), without a graph break: dynamo's caches stay valid, and plain calls run
 the compiled graph again after the trace.
+
+`strip` turns a deep copy of a tapped module into one that runs on its own (the Interleaver runs
+such a copy on fake tensors to learn the output of a call that every invoke skips).
 """
 
 from __future__ import annotations
@@ -29,6 +32,13 @@ from torch.compiler import is_dynamo_compiling
 
 _ABSENT = object()
 _LOCK = threading.Lock()
+_FORWARD_HOOKS = (
+    "_forward_pre_hooks",
+    "_forward_pre_hooks_with_kwargs",
+    "_forward_hooks",
+    "_forward_hooks_with_kwargs",
+    "_forward_hooks_always_called",
+)
 
 #: `Interleaver.call(site, original, args, kwargs)`, and the site index of this module in it.
 Route = tuple[Any, int]
@@ -129,3 +139,20 @@ def detach(attached: list[Tap]) -> None:
             del routes[ident]
             if not routes:  # no other trace remains
                 tap.remove()
+
+
+def strip(copy: nn.Module) -> None:
+    """Make a deep copy of a tapped module run on its own: remove the taps and compiled-call
+    routers it copied (they lead to the original modules) and the forward hooks it copied (the
+    user's functions, whose effects reach outside the copy)."""
+    for module in copy.modules():
+        attributes = module.__dict__
+        tap: Tap | None = getattr(attributes.get("forward"), "__mediator_tap__", None)
+        if tap is not None:
+            if tap.saved is _ABSENT:
+                del attributes["forward"]
+            else:
+                attributes["forward"] = tap.saved
+        attributes.pop("_compiled_call_impl", None)
+        for hooks in _FORWARD_HOOKS:
+            attributes[hooks].clear()
