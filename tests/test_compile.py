@@ -129,6 +129,8 @@ def compiled_inside(backend: Any) -> tuple[Net, mediator.Model, Callable[..., An
     return net, model, model
 
 
+#: How the user compiled: (the module, its Model, what the user calls for a plain call).
+Form = Callable[[Any], tuple[Net, mediator.Model, Callable[..., Any]]]
 FORMS = [compiled_in_place, compiled_beside, compiled_inside]
 
 
@@ -142,9 +144,7 @@ def graph_output(eager: Net, x: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize("form", FORMS)
 @pytest.mark.parametrize("backend", ["counting", "eager"])
-def test_traces_run_eagerly_and_plain_calls_run_the_graph_again(
-    form: Callable[..., tuple[Net, mediator.Model, Callable[..., Any]]], backend: str
-) -> None:
+def test_traces_run_eagerly_and_plain_calls_run_the_graph_again(form: Form, backend: str) -> None:
     counting = Counting()
     net, model, plain = form(counting if backend == "counting" else backend)
     eager = twin(net)
@@ -168,7 +168,7 @@ def test_traces_run_eagerly_and_plain_calls_run_the_graph_again(
 
 @pytest.mark.parametrize("form", FORMS)
 def test_a_body_that_calls_the_compiled_model_gets_the_graph(
-    form: Callable[..., tuple[Net, mediator.Model, Callable[..., Any]]],
+    form: Form,
 ) -> None:
     counting = Counting()
     net, model, plain = form(counting)
@@ -192,7 +192,7 @@ def test_a_body_that_calls_the_compiled_model_gets_the_graph(
 
 @pytest.mark.parametrize("form", FORMS)
 def test_many_traces_do_not_recompile(
-    form: Callable[..., tuple[Net, mediator.Model, Callable[..., Any]]],
+    form: Form,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     counting = Counting()

@@ -308,8 +308,10 @@ class Envoy:
         """Do not run this module for this invoke: `value` is its output.
 
         Call it before the module runs. `value` must look like the output the module would have
-        given for this invoke's rows (the same shapes). Other invokes of the trace still run the
-        module on their own rows.
+        given for this invoke's rows (the same structure and shapes, else `ShapeError`). Other
+        invokes of the trace still run the module on their own rows; when none does, a copy of
+        the module runs on fake tensors (no data, no effect on the module, its inputs or hooks)
+        to learn those shapes.
 
         Example:
 
