@@ -4,7 +4,8 @@
 cuts an invoke's rows out of any value met during the forward (every tensor whose dim 0 is the
 total batch size; others pass whole). `merge` writes the invokes' edited rows back into the full
 value without touching the original in place, so autograd sees every invoke's view on the path
-from input to loss. Subclass it for models that need their own batching (padding, masks).
+from input to loss. `join` puts together a full value from the invokes' own values (when each
+skips a call). Subclass it for models that need their own batching (padding, masks).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ class Batcher:
 
     This is the default for models that are not causal language models. A model that needs its
     own batching (padding, masks, a batch dimension that is not first) gets a subclass through
-    `mediator.Model(net, batcher=...)`; override `batch`, and `narrow`, `merge` and
+    `mediator.Model(net, batcher=...)`; override `batch`, and `narrow`, `merge`, `join` and
     `check_replacement` where values are batched differently too.
 
     Example:
@@ -120,6 +121,38 @@ class Batcher:
                         leaf = leaves[position]
                 merged.append(leaf)
         return rebuild(merged)
+
+    def join(self, parts: list[tuple[slice, Any]], total: int) -> Any:
+        """The full value made of the invokes' own values for their rows, the inverse of
+        `narrow`: used for a call that every invoke skips (`.skip(v)`).
+
+        `parts` lists `(rows, value)` in row order, covering all `total` rows. A tensor whose
+        first dimension is its part's number of rows in every part is concatenated along dim 0;
+        one of the same shape in every part is not batched (`narrow` hands it whole to every
+        invoke), and it and the other leaves are taken from the first part. Raises `ShapeError`
+        when the values differ in structure or a tensor fits neither case.
+
+        Example:
+
+            a, b = torch.zeros(1, 8), torch.ones(2, 8)
+            h = batcher.join([(slice(0, 1), a), (slice(1, 3), b)], total=3)  # torch.cat([a, b])
+        """
+        flat = [flatten(value)[0] for _, value in parts]
+        first_rows, first = parts[0]
+        kinds = [isinstance(leaf, torch.Tensor) for leaf in flat[0]]
+        for (rows, value), leaves in zip(parts, flat, strict=False):
+            if (
+                type(value) is not type(first)
+                or [isinstance(leaf, torch.Tensor) for leaf in leaves] != kinds
+            ):
+                raise ShapeError(
+                    f"the value for rows {rows.start}:{rows.stop} is {describe(value)} and the one "
+                    f"for rows {first_rows.start}:{first_rows.stop} {describe(first)}; give every "
+                    "invoke a value of the same structure"
+                )
+        return flatten(first)[1](
+            [_join_leaves(column, parts) for column in zip(*flat, strict=True)]
+        )
 
     def check_replacement(self, old: Any, new: Any, where: str) -> None:
         """Raise ShapeError unless `new` can stand where `old` stood (same structure, shapes,
@@ -257,6 +290,33 @@ def _narrow_leaf(leaf: Any, rows: slice, total: int) -> Any:
     if _is_batch(leaf, total):
         return leaf[rows]
     return leaf
+
+
+def _join_leaves(column: tuple[Any, ...], parts: list[tuple[slice, Any]]) -> Any:
+    """One leaf of `Batcher.join` from the parts' leaves at one position."""
+    first = column[0]
+    if not isinstance(first, torch.Tensor):
+        return first
+    sizes = [rows.stop - rows.start for rows, _ in parts]
+    batched = all(_is_batch(leaf, size) for leaf, size in zip(column, sizes, strict=True))
+    if not batched and all(leaf.shape == first.shape for leaf in column):
+        return first  # not batched: every invoke's view holds it whole
+    trailing = (first.shape[1:], first.dtype, first.device)
+    for leaf, size, (rows, _) in zip(column, sizes, parts, strict=True):
+        part = f"the value for rows {rows.start}:{rows.stop}"
+        if not _is_batch(leaf, size):
+            raise ShapeError(
+                f"{part} holds {describe(leaf)}; its first dimension must be the invoke's number "
+                f"of rows, {size}"
+            )
+        if (leaf.shape[1:], leaf.dtype, leaf.device) != trailing:
+            first_rows = parts[0][0]
+            raise ShapeError(
+                f"{part} holds {describe(leaf)} and the one for rows {first_rows.start}:"
+                f"{first_rows.stop} {describe(first)}; they must agree in every dimension but "
+                "the first, in dtype and in device"
+            )
+    return torch.cat(column, dim=0)
 
 
 def _merge_rows(leaf: torch.Tensor, views: list[tuple[slice, Any]]) -> Any:

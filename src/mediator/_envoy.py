@@ -50,6 +50,7 @@ class Envoy:
     """
 
     _module: nn.Module
+    _plain: nn.Module
     _path: str
     _model: Model
     _site: int | None
@@ -58,6 +59,7 @@ class Envoy:
 
     def __init__(self, module: nn.Module, path: str, model: Model) -> None:
         object.__setattr__(self, "_module", module)
+        object.__setattr__(self, "_plain", module)  # what a plain call calls
         object.__setattr__(self, "_path", path)
         object.__setattr__(self, "_model", model)
         object.__setattr__(self, "_site", model._traced.sites.get(id(module)))
@@ -158,7 +160,7 @@ class Envoy:
                 h = model.layers[0].output
                 lens = model.lm_head(model.ln_f(h))   # logits as if the model ended at layer 0
         """
-        return self._module(*args, **kwargs)
+        return self._plain(*args, **kwargs)
 
     def __repr__(self) -> str:
         return repr(self._module)
@@ -206,7 +208,9 @@ class Envoy:
         batch. Setting it (`.output = v`) replaces that value for the rest of the forward pass;
         `v` must have the same structure and shapes (else `ShapeError`). Editing the tensor in
         place (`.output[:, 0] = 0`) changes it too. Inside `tr.iter[...]` it is the output of the
-        module's call numbered `step`, else of its first call. Outside an invoke body it raises
+        module's call numbered `step`, else of its first call. Calls are numbered in the order
+        they start: a module that calls itself returns from its inner calls (higher numbers)
+        before the outer one, so request their outputs first. Outside an invoke body it raises
         `UsageError`; a module the model has already run raises `OutOfOrderError`.
 
         Example:
@@ -295,8 +299,10 @@ class Envoy:
         """Do not run this module for this invoke: `value` is its output.
 
         Call it before the module runs. `value` must look like the output the module would have
-        given for this invoke's rows (the same shapes). Other invokes of the trace still run the
-        module on their own rows.
+        given for this invoke's rows (the same structure and shapes, else `ShapeError`). Other
+        invokes of the trace still run the module on their own rows; when none does, a copy of
+        the module runs on fake tensors (no data, no effect on the module, its inputs or hooks)
+        to learn those shapes.
 
         Example:
 
@@ -318,6 +324,11 @@ class Model(Envoy):
     (by default `CausalLMBatcher` for language models that have `generate` and a `config`, else
     `Batcher`); `pin_threads=False` stops a trace from keeping its threads on the caller's CPU.
 
+    A compiled module works too. `Model(torch.compile(net))` has the paths of `net`, and plain
+    calls (`model(x)`) run the compiled code; traces run the module eagerly, since interventions
+    run in Python between its modules, and leave dynamo's caches as they were, so that plain calls
+    after a trace run the compiled code again (also for `net.compile()`).
+
     Example:
 
         import torch, mediator
@@ -335,9 +346,11 @@ class Model(Envoy):
     ) -> None:
         if not isinstance(module, nn.Module):
             raise TypeError(f"mediator.Model wraps a torch.nn.Module, got {type(module).__name__}")
+        plain, module = module, _uncompiled(module)
         traced = Traced.of(module, batcher or _default_batcher(module), pin_threads)
         object.__setattr__(self, "_traced", traced)
         super().__init__(module, "", self)
+        object.__setattr__(self, "_plain", plain)
 
     def trace(self, *args: Any, **kwargs: Any) -> Tracer:
         """A trace: with inputs, its with-body is the single invoke; without, it holds
@@ -384,6 +397,17 @@ class Model(Envoy):
                 "for a forward pass"
             )
         return Tracer(self, self._traced, args, kwargs, method="generate")
+
+
+def _uncompiled(module: nn.Module) -> nn.Module:
+    """The module that a `torch.compile(net)` wrapper compiles (`net`), else `module` itself."""
+    while type(module).__name__ == "OptimizedModule":
+        from torch._dynamo.eval_frame import OptimizedModule  # loaded already: it made `module`
+
+        if not isinstance(module, OptimizedModule):
+            return module
+        module = module._orig_mod
+    return module
 
 
 def _default_batcher(module: nn.Module) -> Batcher:

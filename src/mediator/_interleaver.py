@@ -102,6 +102,7 @@ that fails or sees `cancelling`, hands it back to the model thread.
 
 from __future__ import annotations
 
+import copy
 import queue
 import threading
 import time
@@ -113,7 +114,7 @@ import torch
 from ._batcher import Batcher
 from ._boundary import Boundary
 from ._cache import Cache
-from ._errors import MediatorError, MissedProviderError
+from ._errors import MediatorError, MissedProviderError, ShapeError
 from ._interrupts import model_call_site
 from ._protocol import (
     BARRIER,
@@ -133,7 +134,7 @@ from ._protocol import (
     Signal,
     StopForward,
 )
-from ._tree import flatten
+from ._tap import strip
 
 if TYPE_CHECKING:
     from ._barrier import Barrier
@@ -159,8 +160,10 @@ class Interleaver:
         self.batcher = batcher
         self.total = total
         sites = len(paths)
-        self.started = [0] * sites  # calls of each site that began
-        self.finished = [0] * sites  # calls of each site whose output boundary passed
+        self.started = [0] * sites  # calls of each site that began, numbered in that order
+        # the calls of each site that began and have not returned, innermost last (a module that
+        # calls itself has several; call c's output boundary passed once c began and left here)
+        self.open_calls: list[list[int]] = [[] for _ in range(sites)]
         # open requests, ops and caches per site, for its inputs and for its outputs
         self.watch = ([0] * sites, [0] * sites)
         self.current: Boundary | None = None
@@ -201,20 +204,24 @@ class Interleaver:
         if self.step_waits and call >= self.step_floor:
             self._wake_steps(call)  # before the call counts as started: its input is still ahead
         self.started[site] = call + 1
-        skip = None
-        watch_inputs, watch_outputs = self.watch
-        if watch_inputs[site]:
-            boundary = self._serve((site, INPUT, call), (args, kwargs))
-            args, kwargs = boundary.merged()
-            if boundary.skips:
-                skip = boundary
-        if skip is None:
-            output = original(*args, **kwargs)
-        else:
-            output = self._skip(skip, original, args, kwargs)
-        if watch_outputs[site]:
-            output = self._serve((site, OUTPUT, call), output).merged()
-        self.finished[site] += 1
+        open_calls = self.open_calls[site]
+        open_calls.append(call)
+        try:
+            skip = None
+            watch_inputs, watch_outputs = self.watch
+            if watch_inputs[site]:
+                boundary = self._serve((site, INPUT, call), (args, kwargs))
+                args, kwargs = boundary.merged()
+                if boundary.skips:
+                    skip = boundary
+            if skip is None:
+                output = original(*args, **kwargs)
+            else:
+                output = self._skip(skip, original, args, kwargs)
+            if watch_outputs[site]:
+                output = self._serve((site, OUTPUT, call), output).merged()
+        finally:
+            open_calls.pop()  # calls nest: the innermost open call is this one
         return output
 
     def finish(self, result: Any) -> None:
@@ -419,22 +426,68 @@ class Interleaver:
     def _skip(
         self, boundary: Boundary, original: Callable[..., Any], args: Any, kwargs: Any
     ) -> Any:
-        """Run a call that some invokes skip: skipped rows get the invokes' own values. Its
-        only calls out of this package run the module's own forward."""
+        """Run a call that some invokes skip: skipped rows get the invokes' own values. When they
+        are every row, the module does not run, and each value is checked against its rows of
+        the output the module would have given (`_expected_output`). Its only calls out of this
+        package run the module's own forward (or a copy of it, on fake tensors)."""
         skips = boundary.skips
-        narrowed: list[tuple[slice, Any]] = []
-        for mediator, (value, _) in skips.items():
-            if mediator.rows is None:
-                return value
-            narrowed.append((mediator.rows, value))
-        narrowed.sort(key=lambda item: item[0].start)
-        if sum(rows.stop - rows.start for rows, _ in narrowed) == self.total:
-            return _concat_views(narrowed)
-        output = original(*args, **kwargs)
-        partial = Boundary(self, (boundary.key[0], OUTPUT, boundary.key[2]), output)
+        key = (boundary.key[0], OUTPUT, boundary.key[2])
+        whole = [value for mediator, (value, _) in skips.items() if mediator.rows is None]
+        parts = sorted(
+            ((m.rows, value) for m, (value, _) in skips.items() if m.rows is not None),
+            key=lambda part: part[0].start,
+        )
+        if not whole and sum(rows.stop - rows.start for rows, _ in parts) < self.total:
+            partial = Boundary(self, key, original(*args, **kwargs))
+            for mediator, (value, where) in skips.items():
+                partial.swap(mediator, _constant(value), f"{where} (skip)")
+            return partial.merged()
+        batcher, total = self.batcher, self.total
+        expected = self._expected_output(original, args, kwargs)
+        output = whole[0] if whole else _MISSING
+        if expected is _MISSING:  # check at least rows and structure: against the joined values
+            if output is _MISSING:
+                output = self._join(key, parts, skips)
+            expected = output
         for mediator, (value, where) in skips.items():
-            partial.swap(mediator, _constant(value), f"{where} (skip)")
-        return partial.merged()
+            rows = mediator.rows
+            own = expected if rows is None else batcher.narrow(expected, rows, total)
+            batcher.check_replacement(own, value, f"{self.describe(key)} at {where} (skip)")
+        return self._join(key, parts, skips) if output is _MISSING else output
+
+    def _expected_output(self, original: Callable[..., Any], args: Any, kwargs: Any) -> Any:
+        """What the module would return for the whole batch: its forward run by a copy of it on
+        fake tensors (shapes, dtypes and devices, no data or compute), so that neither the
+        module, its inputs nor the user's hooks see the run; `_MISSING` where that fails."""
+        module = getattr(original, "__self__", None)
+        if not isinstance(module, torch.nn.Module):
+            return _MISSING
+        from torch._subclasses.fake_tensor import FakeCopyMode, FakeTensorMode  # only here
+
+        mode = FakeTensorMode()
+        try:
+            with FakeCopyMode(mode):
+                fake, fake_args, fake_kwargs = copy.deepcopy((module, args, kwargs))
+            strip(fake)
+            with mode:
+                return fake.forward(*fake_args, **fake_kwargs)
+        except Exception:  # noqa: BLE001 - not copyable, or not runnable on fake tensors
+            return _MISSING
+
+    def _join(
+        self, key: Key, parts: list[tuple[slice, Any]], skips: dict[Mediator, tuple[Any, str]]
+    ) -> Any:
+        """The skip values joined by the Batcher; a ShapeError names the module, the call and the
+        lines of the skips."""
+        try:
+            return self.batcher.join(parts, self.total)
+        except ShapeError as error:
+            lines = "; ".join(
+                f"rows {m.rows.start}:{m.rows.stop} at {where}"
+                for m, (_, where) in skips.items()
+                if m.rows is not None
+            )
+            raise ShapeError(f"{self.describe(key)}, skipped for {lines}: {error}") from None
 
     def _withdraw(self, mediator: Mediator) -> None:
         waiting = mediator.waiting
@@ -640,9 +693,12 @@ class Interleaver:
     # -- for mediators (called while they hold the baton) ------------------------------------
 
     def passed(self, key: Key) -> bool:
-        """Whether the model already went past boundary `key`."""
+        """Whether the model already went past boundary `key`: the input of a call that began,
+        the output of one that returned (calls of a module that calls itself end innermost
+        first, so the output of call 0 comes after those of the calls it made)."""
         site, kind, call = key
-        return (self.started if kind == INPUT else self.finished)[site] > call
+        began = self.started[site] > call
+        return began if kind == INPUT else began and call not in self.open_calls[site]
 
     def describe(self, key: Key) -> str:
         site, kind, call = key
@@ -661,12 +717,3 @@ def _definition_order(mediator: Mediator) -> int:
 
 def _waits_for(mediator: Mediator, *kinds: str) -> bool:
     return mediator.waiting is not None and mediator.waiting.kind in kinds
-
-
-def _concat_views(views: list[tuple[slice, Any]]) -> Any:
-    flat = [flatten(value) for _, value in views]
-    leaves = [
-        torch.cat(column, dim=0) if isinstance(column[0], torch.Tensor) else column[0]
-        for column in zip(*(leaves for leaves, _ in flat), strict=False)
-    ]
-    return flat[0][1](leaves)

@@ -7,6 +7,18 @@ it cost before; PyTorch hooks (the user's own included) are never touched and st
 the tap. Taps are shared: two traces of the same module from two threads (or two `Model`s wrapping
 it) route by thread, a trace nested on the same thread (opened from a forward hook) routes to
 itself until it ends, and the last one to leave restores the module's own `forward`.
+
+Compiled modules: a tracing thread never runs compiled code, since a compiled graph cannot stop
+at a boundary to hand a value to a body. A module compiled in place (`net.compile()`, which sets
+`_compiled_call_impl`) also gets, while tapped, a router there that sends the tracing thread's
+calls to the eager `_call_impl` and every other call to the compiled one. When dynamo compiles a
+call of a tapped module made outside the trace (a `torch.compile(net)` the user holds, called
+from an invoke body or another thread), the tap lets it trace the module's own forward
+(`is_dynamo_compiling()`), without a graph break: dynamo's caches stay valid, and plain calls run
+the compiled graph again after the trace.
+
+`strip` turns a deep copy of a tapped module into one that runs on its own (the Interleaver runs
+such a copy on fake tensors to learn the output of a call that every invoke skips).
 """
 
 from __future__ import annotations
@@ -17,9 +29,17 @@ from collections.abc import Callable
 from typing import Any
 
 from torch import nn
+from torch.compiler import is_dynamo_compiling
 
 _ABSENT = object()
 _LOCK = threading.Lock()
+_FORWARD_HOOKS = (
+    "_forward_pre_hooks",
+    "_forward_pre_hooks_with_kwargs",
+    "_forward_hooks",
+    "_forward_hooks_with_kwargs",
+    "_forward_hooks_always_called",
+)
 
 #: `Interleaver.call(site, original, args, kwargs)`, and the site index of this module in it.
 Route = tuple[Any, int]
@@ -28,27 +48,60 @@ Route = tuple[Any, int]
 class Tap:
     """The `forward` wrapper of one module and the table of threads that trace it."""
 
-    __slots__ = ("module", "attributes", "saved", "routes", "forward")
+    __slots__ = ("module", "attributes", "saved", "routes", "forward", "eager", "compiled")
 
     def __init__(self, module: nn.Module) -> None:
         self.module = module
         self.attributes = module.__dict__
         self.saved = module.__dict__.get("forward", _ABSENT)
+        self.compiled: Callable[..., Any] | None = None  # `_compiled_call_impl` while tapped
         original: Callable[..., Any] = module.forward
+        call_impl: Callable[..., Any] = module._call_impl
         routes: dict[int, Route] = {}
         get_route = routes.get
         get_ident = threading.get_ident
 
         def forward(*args: Any, **kwargs: Any) -> Any:
+            if is_dynamo_compiling():  # dynamo compiles a call made outside any trace
+                return original(*args, **kwargs)
             route = get_route(get_ident())
             if route is None:
                 return original(*args, **kwargs)
             return route[0].call(route[1], original, args, kwargs)
 
+        def eager(*args: Any, **kwargs: Any) -> Any:
+            if get_ident() in routes:
+                return call_impl(*args, **kwargs)
+            compiled = self.compiled
+            assert compiled is not None
+            return compiled(*args, **kwargs)
+
         functools.update_wrapper(forward, original)  # generate() inspects its signature
         forward.__mediator_tap__ = self  # type: ignore[attr-defined]
         self.routes = routes
         self.forward = forward
+        self.eager = eager
+
+    def install(self) -> None:
+        """Put the tap (and the router of a module compiled in place) on the module."""
+        attributes = self.attributes
+        attributes["forward"] = self.forward
+        compiled = attributes.get("_compiled_call_impl")
+        if compiled is not None:
+            self.compiled = compiled
+            attributes["_compiled_call_impl"] = self.eager
+
+    def remove(self) -> None:
+        """Give the module back its own `forward` and compiled call, unless replaced since."""
+        attributes = self.attributes
+        if attributes.get("forward") is self.forward:
+            if self.saved is _ABSENT:
+                del attributes["forward"]
+            else:
+                attributes["forward"] = self.saved
+        if self.compiled is not None and attributes.get("_compiled_call_impl") is self.eager:
+            attributes["_compiled_call_impl"] = self.compiled
+        self.compiled = None
 
 
 def attach(taps: list[Tap], interleaver: Any) -> list[tuple[Tap, Route | None]]:
@@ -66,7 +119,7 @@ def attach(taps: list[Tap], interleaver: Any) -> list[tuple[Tap, Route | None]]:
             for site, tap in enumerate(taps):
                 current = tap.attributes.get("forward", _ABSENT)
                 if current is tap.saved:  # untapped, as when the tap was built
-                    tap.attributes["forward"] = tap.forward
+                    tap.install()
                     active = tap
                 elif current is tap.forward:  # tapped by another trace of this Model
                     active = tap
@@ -74,7 +127,7 @@ def attach(taps: list[Tap], interleaver: Any) -> list[tuple[Tap, Route | None]]:
                     other: Tap | None = getattr(current, "__mediator_tap__", None)
                     if other is None:  # the module's forward was replaced since: tap it afresh
                         other = taps[site] = Tap(tap.module)
-                        other.attributes["forward"] = other.forward
+                        other.install()
                     active = other
                 attached.append((active, active.routes.get(ident)))
                 active.routes[ident] = (interleaver, site)
@@ -97,9 +150,22 @@ def _undo(attached: list[tuple[Tap, Route | None]], ident: int) -> None:
             routes[ident] = previous  # the outer trace of this thread routes here again
             continue
         del routes[ident]
-        if routes or tap.attributes.get("forward") is not tap.forward:
-            continue  # still traced elsewhere, or replaced by someone else: theirs stays
-        if tap.saved is _ABSENT:
-            del tap.attributes["forward"]
-        else:
-            tap.attributes["forward"] = tap.saved
+        if not routes:  # no other trace remains
+            tap.remove()
+
+
+def strip(copy: nn.Module) -> None:
+    """Make a deep copy of a tapped module run on its own: remove the taps and compiled-call
+    routers it copied (they lead to the original modules) and the forward hooks it copied (the
+    user's functions, whose effects reach outside the copy)."""
+    for module in copy.modules():
+        attributes = module.__dict__
+        tap: Tap | None = getattr(attributes.get("forward"), "__mediator_tap__", None)
+        if tap is not None:
+            if tap.saved is _ABSENT:
+                del attributes["forward"]
+            else:
+                attributes["forward"] = tap.saved
+        attributes.pop("_compiled_call_impl", None)
+        for hooks in _FORWARD_HOOKS:
+            attributes[hooks].clear()

@@ -24,7 +24,7 @@ from . import _context
 from ._barrier import Barrier
 from ._cache import Cache
 from ._callsite import user_traceback
-from ._errors import MediatorError, UsageError
+from ._errors import UsageError
 from ._frames import BodySkipper, check_unbinding, read_names, write_names
 from ._names import closest_hint
 from ._protocol import SkipBody, TraceState
