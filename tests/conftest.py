@@ -63,11 +63,8 @@ def patched_forwards(module: nn.Module) -> list[str]:
 
 
 def busy_workers() -> list[threading.Thread]:
-    """Mediator worker threads that are not idle in the pool."""
-    idle = set(_workers.POOL.idle_threads())
-    return [
-        t for t in threading.enumerate() if t.name.startswith("mediator-worker-") and t not in idle
-    ]
+    """Mediator worker threads running a job (handed one, and not done with it)."""
+    return _workers.POOL.busy_threads()
 
 
 def assert_untouched(*modules: nn.Module, hooks: int = 0) -> None:

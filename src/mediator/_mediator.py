@@ -13,7 +13,6 @@ waited: one that changes in place before the body hands the baton on again was e
 from __future__ import annotations
 
 import builtins
-import contextlib
 import ctypes
 import os
 import queue
@@ -133,25 +132,24 @@ class Mediator:
         interleaver = self.interleaver
         assert interleaver is not None
         try:
-            with contextlib.ExitStack() as stack:
-                self.state.enter(stack)
+            try:
+                self.state.enter()
+                with self._lock:
+                    self._in_body = True
                 try:
+                    if self.cancelled:
+                        raise _Cancelled
+                    assert self.body is not None and self.args is not None
+                    self.result = self.body(*self.args)
+                    if self.past:
+                        self._look_for_late_edits(ended=True)
+                finally:
                     with self._lock:
-                        self._in_body = True
-                    try:
-                        if self.cancelled:
-                            raise _Cancelled
-                        assert self.body is not None and self.args is not None
-                        self.result = self.body(*self.args)
-                        if self.past:
-                            self._look_for_late_edits(ended=True)
-                    finally:
-                        with self._lock:
-                            self._in_body = False
-                except _Cancelled:
-                    pass
-                except BaseException as error:  # noqa: BLE001 - reported to the caller
-                    self.error = error.with_traceback(_user_traceback(error.__traceback__))
+                        self._in_body = False
+            except _Cancelled:
+                pass
+            except BaseException as error:  # noqa: BLE001 - reported to the caller
+                self.error = error.with_traceback(_user_traceback(error.__traceback__))
         except _Cancelled:  # an interrupt that landed after the body ended
             pass
         if self._interrupted:

@@ -6,11 +6,15 @@ other call straight through. Outside traces nothing is installed, so the model c
 it cost before; PyTorch hooks (the user's own included) are never touched and still run around
 the tap. Taps are shared: two traces of the same module from two threads (or two `Model`s wrapping
 it) route by thread, and the last one to leave restores the module's own `forward`.
+
+`_LOCK` guards every route table; after `os.fork` the child gets a new one (another thread may
+have held it at the fork).
 """
 
 from __future__ import annotations
 
 import functools
+import os
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -90,3 +94,11 @@ def detach(attached: list[Tap]) -> None:
                 del tap.attributes["forward"]
             else:
                 tap.attributes["forward"] = tap.saved
+
+
+def _new_lock_after_fork() -> None:
+    global _LOCK
+    _LOCK = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_new_lock_after_fork)
