@@ -22,16 +22,16 @@ Ending = Callable[[mediator.Model, torch.Tensor, Callable[[], None]], None]
 
 def _returns(model: mediator.Model, x: torch.Tensor, change: Callable[[], None]) -> None:
     with model.trace(x):
-        model.layers[0].output
+        _ = model.layers[0].output
         change()
 
 
 def _raises(model: mediator.Model, x: torch.Tensor, change: Callable[[], None]) -> None:
     with pytest.raises(ZeroDivisionError):
         with model.trace(x):
-            model.layers[0].output
+            _ = model.layers[0].output
             change()
-            1 / 0
+            _ = 1 / 0
 
 
 def _cancelled(model: mediator.Model, x: torch.Tensor, change: Callable[[], None]) -> None:
@@ -39,12 +39,12 @@ def _cancelled(model: mediator.Model, x: torch.Tensor, change: Callable[[], None
     with pytest.raises(ZeroDivisionError):
         with model.trace() as tr:
             with tr.invoke(x):
-                model.layers[0].output
+                _ = model.layers[0].output
                 change()
-                model.layers[3].output
+                _ = model.layers[3].output
             with tr.invoke(x):
-                model.layers[1].output
-                1 / 0
+                _ = model.layers[1].output
+                _ = 1 / 0
 
 
 ENDINGS = {"returns": _returns, "raises": _raises, "cancelled": _cancelled}
@@ -54,7 +54,7 @@ def _body_sees(model: mediator.Model, x: torch.Tensor, look: Callable[[], Any]) 
     """What `look()` returns in a body, and the thread that body ran on."""
     seen: dict[str, Any] = {}
     with model.trace(x):
-        model.layers[0].output
+        _ = model.layers[0].output
         seen["value"] = look()
         seen["thread"] = threading.current_thread()
     return seen["value"], seen["thread"]
