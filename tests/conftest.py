@@ -13,6 +13,10 @@ from torch import nn
 import mediator
 from mediator import _workers
 
+# Tests compare thread counts and the pool's size across traces: no idle worker may end meanwhile
+# (tests of the idle time use pools of their own).
+_workers.POOL.idle_timeout = 3600.0
+
 
 class MLP(nn.Module):
     """`depth` Linear blocks with ReLU, used by most tests."""

@@ -68,7 +68,7 @@ def one_torch_thread() -> None:
         setter(1)
 
 
-def one_torch_thread_again() -> None:
+def restore_one_torch_thread() -> None:
     """Undo a `torch.set_num_threads` that a body called on this (worker) thread."""
     if torch.get_num_threads() != 1:
         for setter in _SET_THREADS:

@@ -40,7 +40,7 @@ import queue
 import threading
 from collections.abc import Callable
 
-from ._affinity import one_torch_thread, one_torch_thread_again, set_thread_mask
+from ._affinity import one_torch_thread, restore_one_torch_thread, set_thread_mask
 from ._torchstate import prepare, reset
 
 Job = Callable[[Callable[[], None]], None]
@@ -133,7 +133,7 @@ class WorkerPool:
         """`worker`'s job is over (called on that worker): back to the pool, or end."""
         try:
             clean = reset()
-            one_torch_thread_again()
+            restore_one_torch_thread()
         except Exception:  # noqa: BLE001 - its state is unknown: the worker ends
             clean = False
         with self._lock:
