@@ -104,7 +104,8 @@ class TorchState(NamedTuple):
         if self.hooks_disabled is not None:
             _ag._saved_tensors_hooks_disable(self.hooks_disabled)
         if self.cuda_stream is not None:
-            torch.cuda.set_stream(self.cuda_stream)  # also makes its device current
+            torch.cuda.set_device(self.cuda_stream.device)
+            torch.cuda.set_stream(self.cuda_stream)
 
 
 def prepare() -> None:
