@@ -13,6 +13,10 @@ from torch import nn
 import mediator
 from mediator import _workers
 
+# Tests compare thread counts and the pool's size across traces: no idle worker may end meanwhile
+# (tests of the idle time use pools of their own).
+_workers.POOL.idle_timeout = 3600.0
+
 
 class MLP(nn.Module):
     """`depth` Linear blocks with ReLU, used by most tests."""
@@ -63,11 +67,8 @@ def patched_forwards(module: nn.Module) -> list[str]:
 
 
 def busy_workers() -> list[threading.Thread]:
-    """Mediator worker threads that are not idle in the pool."""
-    idle = set(_workers.POOL.idle_threads())
-    return [
-        t for t in threading.enumerate() if t.name.startswith("mediator-worker-") and t not in idle
-    ]
+    """Mediator worker threads running a job (handed one, and not done with it)."""
+    return _workers.POOL.busy_threads()
 
 
 def assert_untouched(*modules: nn.Module, hooks: int = 0) -> None:

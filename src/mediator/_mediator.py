@@ -18,7 +18,6 @@ interrupt can never land inside a baton handoff.
 from __future__ import annotations
 
 import builtins
-import contextlib
 import ctypes
 import queue
 import sys
@@ -150,9 +149,8 @@ class Mediator:
         self.thread = threading.current_thread()
         _context.set_current(self)
         try:
-            with contextlib.ExitStack() as stack:
-                self.torch_state.enter(stack)
-                self._run_body()
+            self.torch_state.enter()  # undone by the pool when the job is done (`done`)
+            self._run_body()
         except Cancelled:  # cancelled before the body began, or interrupted around it
             pass
         except BaseException as error:  # noqa: BLE001 - the library's own steps failed

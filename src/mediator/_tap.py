@@ -19,11 +19,15 @@ the compiled graph again after the trace.
 
 `strip` turns a deep copy of a tapped module into one that runs on its own (the Interleaver runs
 such a copy on fake tensors to learn the output of a call that every invoke skips).
+
+`_LOCK` guards every route table; after `os.fork` the child gets a new one (another thread may
+have held it at the fork).
 """
 
 from __future__ import annotations
 
 import functools
+import os
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -169,3 +173,11 @@ def strip(copy: nn.Module) -> None:
         attributes.pop("_compiled_call_impl", None)
         for hooks in _FORWARD_HOOKS:
             attributes[hooks].clear()
+
+
+def _new_lock_after_fork() -> None:
+    global _LOCK
+    _LOCK = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_new_lock_after_fork)
