@@ -102,39 +102,32 @@ that fails or sees `cancelling`, hands it back to the model thread.
 
 from __future__ import annotations
 
-import copy
 import queue
 import threading
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-import torch
-
 from ._batcher import Batcher
 from ._boundary import Boundary
 from ._cache import Cache
-from ._errors import MediatorError, MissedProviderError, ShapeError
+from ._errors import MediatorError
 from ._interrupts import model_call_site
 from ._protocol import (
-    BARRIER,
     INPUT,
     KIND_NAMES,
-    NAME,
     OUTPUT,
-    RESULT,
     SIGINT,
-    STEP,
     VALUE,
     Abort,
     Cancelled,
     Key,
-    LoopEnd,
     MediatorState,
     Signal,
     StopForward,
 )
-from ._tap import strip
+from ._skips import run_skipped
+from ._waits import MISSING, Waits, definition_order
 
 if TYPE_CHECKING:
     from ._barrier import Barrier
@@ -142,10 +135,8 @@ if TYPE_CHECKING:
 
 _CREATED, _BLOCKED = MediatorState.CREATED, MediatorState.BLOCKED
 
-_MISSING = object()
 
-
-class Interleaver:
+class Interleaver(Waits):
     """Runs one batched forward pass and serves the mediators of a trace at its boundaries."""
 
     def __init__(
@@ -178,7 +169,7 @@ class Interleaver:
         self.step_floor = 0  # the lowest step they wait for
         self.stopping = False
         self.interrupted = False  # a SIGINT arrived (`_interrupts.py`)
-        self.result: Any = _MISSING
+        self.result: Any = MISSING
         self.caches: list[Cache] = []
         self.due: dict[Key, list[Mediator]] = {}  # who has a request or op at each boundary
         self.plan: list[Mediator] = []  # who runs next at this point, the next one last
@@ -217,75 +208,12 @@ class Interleaver:
             if skip is None:
                 output = original(*args, **kwargs)
             else:
-                output = self._skip(skip, original, args, kwargs)
+                output = run_skipped(self, skip, original, args, kwargs)
             if watch_outputs[site]:
                 output = self._serve((site, OUTPUT, call), output).merged()
         finally:
             open_calls.pop()  # calls nest: the innermost open call is this one
         return output
-
-    def finish(self, result: Any) -> None:
-        """The traced call returned `result`: answer RESULT and STEP requests, then fail every
-        request that is still open, until all bodies end."""
-        self.forward_done = True
-        self.current = None
-        self.result = result
-        while True:
-            blocked = [m for m in self.mediators if m.state is _BLOCKED]
-            if not blocked:
-                self._check_unused_ops()
-                return
-            mediator = next((m for m in blocked if _waits_for(m, RESULT, STEP)), None)
-            if mediator is not None:
-                waiting = mediator.waiting
-                assert waiting is not None
-                self._withdraw(mediator)
-                if waiting.kind == RESULT:
-                    self._resume(mediator, self.result_for(mediator))
-                else:
-                    self._resume(mediator, Signal(LoopEnd()))
-                self._settle()
-                continue
-            mediator = next((m for m in blocked if _waits_for(m, VALUE) or m.ops), None)
-            if mediator is None:
-                if self._settle():
-                    continue
-                mediator = blocked[0]  # waits on a name or barrier nobody can satisfy now
-            self._resume(mediator, Signal(self._unserved(mediator)))
-            self._settle()
-
-    def result_for(self, mediator: Mediator) -> Any:
-        """The traced call's return value, narrowed to `mediator`'s rows."""
-        if self.result is _MISSING:
-            return Signal(
-                MissedProviderError(
-                    "tr.result: the traced call did not return (tr.stop() ended it)"
-                )
-            )
-        if mediator.rows is None:
-            return self.result
-        return self.batcher.narrow(self.result, mediator.rows, self.total)
-
-    def _wake_steps(self, call: int) -> None:
-        """A module starts call `call`: resume the open loops waiting for a step up to it."""
-        ready = True
-        while ready:
-            ready = False
-            for mediator in self.mediators:
-                waiting = mediator.waiting
-                if waiting is not None and waiting.kind == STEP and waiting.target <= call:
-                    self._withdraw(mediator)
-                    self._resume(mediator, None)
-                    self._settle()
-                    ready = True
-        floors = [m.waiting.target for m in self.mediators if m.waiting and m.waiting.kind == STEP]
-        self.step_floor = min(floors, default=0)
-
-    def _check_unused_ops(self) -> None:
-        for mediator in self.mediators:
-            if mediator.ops:
-                self.failure = self.failure or self._unserved(mediator)
-                raise Abort
 
     # -- cancelling (model thread) -------------------------------------------------------------
 
@@ -355,7 +283,7 @@ class Interleaver:
         due = self.due.pop(key, None)
         if due is not None:
             if len(due) > 1:
-                due = sorted(set(due), key=_definition_order, reverse=True)
+                due = sorted(set(due), key=definition_order, reverse=True)
             self.plan = due
             self._run_plan()
         self.current = None
@@ -369,7 +297,7 @@ class Interleaver:
     def close(self) -> None:
         """Drop every reference to values of the trace (the trace has ended)."""
         self.current = None
-        self.result = _MISSING
+        self.result = MISSING
         self.caches = []
         self.barriers = []
         self.due = {}
@@ -421,166 +349,6 @@ class Interleaver:
                 return error
         mediator.ops = remaining
         return None
-
-    @model_call_site
-    def _skip(
-        self, boundary: Boundary, original: Callable[..., Any], args: Any, kwargs: Any
-    ) -> Any:
-        """Run a call that some invokes skip: skipped rows get the invokes' own values. When they
-        are every row, the module does not run, and each value is checked against its rows of
-        the output the module would have given (`_expected_output`). Its only calls out of this
-        package run the module's own forward (or a copy of it, on fake tensors)."""
-        skips = boundary.skips
-        key = (boundary.key[0], OUTPUT, boundary.key[2])
-        whole = [value for mediator, (value, _) in skips.items() if mediator.rows is None]
-        parts = sorted(
-            ((m.rows, value) for m, (value, _) in skips.items() if m.rows is not None),
-            key=lambda part: part[0].start,
-        )
-        if not whole and sum(rows.stop - rows.start for rows, _ in parts) < self.total:
-            partial = Boundary(self, key, original(*args, **kwargs))
-            for mediator, (value, where) in skips.items():
-                partial.swap(mediator, _constant(value), f"{where} (skip)")
-            return partial.merged()
-        batcher, total = self.batcher, self.total
-        expected = self._expected_output(original, args, kwargs)
-        output = whole[0] if whole else _MISSING
-        if expected is _MISSING:  # check at least rows and structure: against the joined values
-            if output is _MISSING:
-                output = self._join(key, parts, skips)
-            expected = output
-        for mediator, (value, where) in skips.items():
-            rows = mediator.rows
-            own = expected if rows is None else batcher.narrow(expected, rows, total)
-            batcher.check_replacement(own, value, f"{self.describe(key)} at {where} (skip)")
-        return self._join(key, parts, skips) if output is _MISSING else output
-
-    def _expected_output(self, original: Callable[..., Any], args: Any, kwargs: Any) -> Any:
-        """What the module would return for the whole batch: its forward run by a copy of it on
-        fake tensors (shapes, dtypes and devices, no data or compute), so that neither the
-        module, its inputs nor the user's hooks see the run; `_MISSING` where that fails."""
-        module = getattr(original, "__self__", None)
-        if not isinstance(module, torch.nn.Module):
-            return _MISSING
-        from torch._subclasses.fake_tensor import FakeCopyMode, FakeTensorMode  # only here
-
-        mode = FakeTensorMode()
-        try:
-            with FakeCopyMode(mode):
-                fake, fake_args, fake_kwargs = copy.deepcopy((module, args, kwargs))
-            strip(fake)
-            with mode:
-                return fake.forward(*fake_args, **fake_kwargs)
-        except Exception:  # noqa: BLE001 - not copyable, or not runnable on fake tensors
-            return _MISSING
-
-    def _join(
-        self, key: Key, parts: list[tuple[slice, Any]], skips: dict[Mediator, tuple[Any, str]]
-    ) -> Any:
-        """The skip values joined by the Batcher; a ShapeError names the module, the call and the
-        lines of the skips."""
-        try:
-            return self.batcher.join(parts, self.total)
-        except ShapeError as error:
-            lines = "; ".join(
-                f"rows {m.rows.start}:{m.rows.stop} at {where}"
-                for m, (_, where) in skips.items()
-                if m.rows is not None
-            )
-            raise ShapeError(f"{self.describe(key)}, skipped for {lines}: {error}") from None
-
-    def _withdraw(self, mediator: Mediator) -> None:
-        waiting = mediator.waiting
-        if waiting is not None and waiting.kind == VALUE:
-            self.watch[waiting.target[1]][waiting.target[0]] -= 1
-        elif waiting is not None and waiting.kind == BARRIER:
-            waiting.target.arrived.remove(mediator)
-        elif waiting is not None and waiting.kind == NAME:
-            self.name_waits -= 1
-        elif waiting is not None and waiting.kind == STEP:
-            self.step_waits -= 1
-        mediator.waiting = None
-
-    def _settle(self) -> bool:
-        """Release complete barriers and name waits that can be answered; True if any was."""
-        if not self.barriers and not self.name_waits:
-            return False
-        progressed = False
-        again = True
-        while again:
-            again = False
-            for barrier in self.barriers:
-                if len(barrier.arrived) >= barrier.parties:
-                    released, barrier.arrived = barrier.arrived, []
-                    for mediator in sorted(released, key=_definition_order):
-                        mediator.waiting = None
-                        self._resume(mediator, None)
-                    again = progressed = True
-            for mediator in self.mediators:
-                waiting = mediator.waiting
-                if waiting is None or waiting.kind != NAME:
-                    continue
-                found, value = self.lookup(mediator, waiting.target)
-                if not found and self._may_bind(mediator, waiting.target):
-                    continue
-                self._withdraw(mediator)
-                self._resume(mediator, value if found else Signal(self._unbound(waiting.target)))
-                again = progressed = True
-        return progressed
-
-    def lookup(self, asker: Mediator, name: str) -> tuple[bool, Any]:
-        """The binding of `name` by another body of the trace, if one has bound it."""
-        for mediator in self.mediators:
-            if mediator is not asker:
-                found, value = mediator.binding(name)
-                if found:
-                    return True, value
-        return False, None
-
-    def _may_bind(self, asker: Mediator, name: str) -> bool:
-        return any(m is not asker and not m.ended and name in m.assigns for m in self.mediators)
-
-    @staticmethod
-    def _unbound(name: str) -> NameError:
-        return NameError(
-            f"name {name!r} is not defined: no other invoke of this trace bound it "
-            "before the forward pass ended"
-        )
-
-    def _unserved(self, mediator: Mediator) -> BaseException:
-        """The error for a blocked mediator whose request the finished forward cannot serve."""
-        waiting = mediator.waiting
-        self._withdraw(mediator)
-        if mediator.ops:
-            op = mediator.ops.pop(0)
-            self.watch[op.key[1]][op.key[0]] -= 1
-            what = "skip of" if op.apply is None else "value set for"
-            return MissedProviderError(
-                f"the {what} {self.describe(op.key)} at {op.where} was never used: "
-                f"{self.never(op.key)}"
-            )
-        assert waiting is not None
-        if waiting.kind == VALUE:
-            return MissedProviderError(
-                f"{self.describe(waiting.target)} was never computed: {self.never(waiting.target)}"
-            )
-        if waiting.kind == BARRIER:
-            barrier = waiting.target
-            return MediatorError(
-                f"tr.barrier({barrier.parties}) was reached by only "
-                f"{len(barrier.arrived) + 1} bodies before the forward pass ended; every body "
-                "that shares a barrier must call it"
-            )
-        return self._unbound(waiting.target)
-
-    def never(self, key: Key) -> str:
-        """Why boundary `key` never came, for messages."""
-        site, _, call = key
-        calls = self.started[site]
-        path = self.paths[site] or "the model"
-        if calls == 0:
-            return f"{path} was not called in this forward pass"
-        return f"{path} was called {calls} time(s) in this forward pass, so call {call} never came"
 
     # -- the baton --------------------------------------------------------------------------
 
@@ -705,15 +473,3 @@ class Interleaver:
         path = self.paths[site]
         name = f"{path}.{KIND_NAMES[kind]}" if path else f"model.{KIND_NAMES[kind]}"
         return f"{name} (call {call})"
-
-
-def _constant(value: Any) -> Callable[[Any], Any]:
-    return lambda old: value
-
-
-def _definition_order(mediator: Mediator) -> int:
-    return mediator.index
-
-
-def _waits_for(mediator: Mediator, *kinds: str) -> bool:
-    return mediator.waiting is not None and mediator.waiting.kind in kinds
