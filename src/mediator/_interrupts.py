@@ -14,6 +14,7 @@ there before the outermost one (put back when it ends), and the set of model cal
 
 from __future__ import annotations
 
+import _signal  # type: ignore[import-not-found]  # the C module: no enum conversions per trace
 import signal
 import threading
 import types
@@ -50,17 +51,17 @@ def routed_to(interleaver: Interleaver) -> Iterator[None]:
         yield
         return
     if not _stack:
-        if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        if _signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
             yield
             return
-        _previous = signal.signal(signal.SIGINT, _handle)
+        _previous = _signal.signal(signal.SIGINT, _handle)
     _stack.append(interleaver)
     try:
         yield
     finally:
         _stack.pop()
         if not _stack:
-            signal.signal(signal.SIGINT, _previous)
+            _signal.signal(signal.SIGINT, _previous)
             _previous = None
 
 

@@ -14,6 +14,7 @@ of the trace is left.
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 import inspect
 import sys
 import types
@@ -120,13 +121,8 @@ class Invoke:
                 f"tr.invoke(...).run() needs a callable, got {type(fn).__name__}; pass the "
                 "function itself, e.g. .run(fn, arg) rather than .run(fn(arg))"
             )
-        lazy = (
-            inspect.isgeneratorfunction,
-            inspect.iscoroutinefunction,
-            inspect.isasyncgenfunction,
-        )
-        if any(test(fn) for test in lazy):
-            kind = "a coroutine" if inspect.iscoroutinefunction(fn) else "a generator"
+        kind = _lazy_kind(fn)
+        if kind is not None:
             raise UsageError(
                 f"tr.invoke(...).run({getattr(fn, '__qualname__', fn)!r}) got {kind} function: "
                 "calling it would only create the object, not run its body. Pass a plain "
@@ -491,3 +487,19 @@ def _site_of(traced: Traced, module: Any) -> tuple[int, str]:
         return traced.paths.index(path), path
     hint = closest_hint(path, traced.paths)
     raise UsageError(f"tr.cache(): the model has no module {path!r} that it calls.{hint}")
+
+
+_LAZY = (
+    (inspect.CO_COROUTINE, "a coroutine"),
+    (inspect.CO_GENERATOR | inspect.CO_ASYNC_GENERATOR, "a generator"),
+)
+
+
+def _lazy_kind(fn: Any) -> str | None:
+    """ "a generator" or "a coroutine" if calling `fn` would only make one (also through
+    `functools.partial` and bound methods), else None. One flag test: `.run` is on the hot path."""
+    while isinstance(fn, functools.partial):
+        fn = fn.func
+    code = getattr(getattr(fn, "__func__", fn), "__code__", None)
+    flags = code.co_flags if isinstance(code, types.CodeType) else 0
+    return next((kind for flag, kind in _LAZY if flags & flag), None)
