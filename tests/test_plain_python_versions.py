@@ -25,13 +25,14 @@ _DRIVER = textwrap.dedent(
 
     package = types.ModuleType("fake"); package.__path__ = [sys.argv[1]]
     sys.modules["fake"] = package
-    for name in ("_errors", "_protocol", "_frames", "_source"):
+    for name in ("_errors", "_protocol", "_frames", "_source", "_body"):
         spec = importlib.util.spec_from_file_location(f"fake.{name}", f"{sys.argv[1]}/{name}.py")
         module = importlib.util.module_from_spec(spec)
         sys.modules[f"fake.{name}"] = module
         spec.loader.exec_module(module)
-    errors, protocol, frames, source_ = (
-        sys.modules[f"fake.{n}"] for n in ("_errors", "_protocol", "_frames", "_source")
+    errors, protocol, frames, source_, body_ = (
+        sys.modules[f"fake.{n}"]
+        for n in ("_errors", "_protocol", "_frames", "_source", "_body")
     )
 
 
@@ -47,7 +48,7 @@ _DRIVER = textwrap.dedent(
                 scope[body.as_name] = self
                 frames.write_names(frame, {body.as_name: self})
             kept = []
-            function, args = source_.make_body(
+            function, args = body_.make_body(
                 body, scope, frozenset(), frame.f_globals, kept.append, None)
             try:
                 function(*args)

@@ -1,6 +1,6 @@
 """The with-block pipeline (find the body, compile it, skip it in the caller, write its names
-back) on every CPython installed here, without threads or torch: `_errors`, `_frames` and
-`_source` need only the standard library. The thread and torch side is tested on 3.11."""
+back) on every CPython installed here, without threads or torch: `_errors`, `_frames`, `_source`
+and `_body` need only the standard library. The thread and torch side is tested on 3.11."""
 
 from __future__ import annotations
 
@@ -19,13 +19,13 @@ _PROGRAM = textwrap.dedent(
 
     package = types.ModuleType("fake"); package.__path__ = [sys.argv[1]]
     sys.modules["fake"] = package
-    for name in ("_errors", "_protocol", "_frames", "_source"):
+    for name in ("_errors", "_protocol", "_frames", "_source", "_body"):
         spec = importlib.util.spec_from_file_location(f"fake.{name}", f"{sys.argv[1]}/{name}.py")
         module = importlib.util.module_from_spec(spec)
         sys.modules[f"fake.{name}"] = module
         spec.loader.exec_module(module)
-    protocol, frames, source_ = (
-        sys.modules[f"fake.{n}"] for n in ("_protocol", "_frames", "_source")
+    protocol, frames, source_, body_ = (
+        sys.modules[f"fake.{n}"] for n in ("_protocol", "_frames", "_source", "_body")
     )
 
     class Run:
@@ -42,7 +42,7 @@ _PROGRAM = textwrap.dedent(
                 scope[body.as_name] = self
             cross = frozenset((body.loads - body.assigns) & self.shared)
             kept = []
-            function, args = source_.make_body(
+            function, args = body_.make_body(
                 body, scope, cross, frame.f_globals, kept.append, lambda name: ("shared", name))
             function(*args)
             frames.write_names(frame, {n: kept[0][n] for n in body.assigns if n in kept[0]})

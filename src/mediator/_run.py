@@ -30,6 +30,7 @@ from typing import Any, Protocol
 
 from ._affinity import restore_current_thread, trace_cpu
 from ._batcher import Inputs
+from ._body import make_body
 from ._cache import Cache
 from ._errors import MediatorError, UsageError
 from ._frames import UNBOUND, write_names
@@ -38,7 +39,7 @@ from ._interrupts import model_call_site, routed_to
 from ._late_edits import warn
 from ._mediator import Mediator
 from ._protocol import Abort, MediatorState, StopForward
-from ._source import BodySource, make_body
+from ._source import BodySource
 from ._tap import attach, detach
 from ._torchstate import TorchState
 from ._traced import Traced

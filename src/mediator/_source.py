@@ -1,30 +1,26 @@
-"""Turning the body of a `with` block into a function a mediator thread can run.
+"""Finding the body of a `with` block in the caller's source, and what it reads and binds.
 
 `capture(frame)` finds, in the source of the caller's file (or IPython/Jupyter cell, `python -c`
 command, 3.13 REPL input), the `with` statement that is entering, checks it against the code
-that actually runs, and analyses its body: which names it reads and binds, and the scopes that
-enclose it. `compile_body` compiles the body as a function inside a copy of that context (the
-enclosing class, for name mangling and the `__class__` cell of `super()`; the enclosing
-function's `global` declarations and future flags), whose parameters are the enclosing names it
-uses, whose loads of names bound by *other* bodies of the trace go through a lookup that waits
-for them, and which hands its final locals back as it ends. Compiled code keeps the user's file
-name, line numbers and qualified names, so tracebacks point at the user's own lines. Both steps
-are cached: `_captured` per call site (file, code object and instruction), `_compiled` per body
-and parameters.
+that actually runs (a file edited after import fails), refuses what cannot run as a function of
+its own (`return`, `yield`, `await`, `break`/`continue` leaving the body, items after ours in the
+header), and analyses the body into a `BodySource`: which names it reads, binds, deletes and
+declares global, the future flags and the scopes that enclose it (class, function, qualified
+name). `check_items` only does the header check. `_body.py` compiles a `BodySource` into a
+function. This module owns two caches, both per call site (file, code object and instruction):
+`_captured`, the `BodySource` of each with-block, and `_checked`, the headers already checked.
 """
 
 from __future__ import annotations
 import __future__
 
 import ast
-import builtins
-import copy
 import dis
 import linecache
 import re
 import sys
 import types
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,15 +35,8 @@ _FUNCTIONS = (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)
 _NESTED_SCOPES = (*_FUNCTIONS, ast.ClassDef, *_COMPREHENSIONS)
 _LOOPS = (ast.For, ast.AsyncFor, ast.While)
 
-#: Names the compiled body reaches through its closure: the mediator's hooks, and the class
-#: cell of zero-argument `super()`.
-_KEEP, _LOOKUP, _LOCALS, _CLASS_CELL = (
-    "__mediator_keep__",
-    "__mediator_name__",
-    "__mediator_locals__",
-    "__class__",
-)
-_SCOPE, _BODY = "__mediator_scope__", "__mediator_body__"
+#: The cell zero-argument `super()` reads its class from: a name the body may need (`reads`).
+CLASS_CELL = "__class__"
 
 _FUNCTION_FORM = (
     "Use the function form instead, which needs no source: "
@@ -87,7 +76,7 @@ class BodySource:
         zero-argument `super()`."""
         names = set(self.loads | self.assigns)
         if "super" in self.loads and self.class_name is not None:
-            names.add(_CLASS_CELL)
+            names.add(CLASS_CELL)
             if self.first_arg is not None:
                 names.add(self.first_arg)
         return frozenset(names - self.declared_global)
@@ -98,7 +87,6 @@ class BodySource:
 
 
 _captured: dict[tuple[str, types.CodeType, int], BodySource] = {}
-_compiled: dict[tuple[BodySource, tuple[str, ...], frozenset[str]], types.CodeType] = {}
 _checked: set[tuple[str, types.CodeType, int]] = set()  # `with model.trace() ...` sites
 
 
@@ -111,7 +99,6 @@ def capture(frame: types.FrameType, what: str) -> BodySource:
         found = _find(frame, what)
         if len(_captured) > 4096:
             _captured.clear()
-            _compiled.clear()
         _captured[key] = found
     return found
 
@@ -319,7 +306,7 @@ def _analyse(
     scope = around[-1] if around else None
     owner = _class_of(around)
     function = scope if isinstance(scope, (ast.FunctionDef, ast.AsyncFunctionDef)) else None
-    assigns, declared = _assigned_names(node.body)
+    assigns, declared = assigned_names(node.body)
     if isinstance(scope, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
         declared |= _globals(scope.body)
     prefix = "".join(
@@ -471,7 +458,8 @@ def _deleted(statements: list[ast.stmt]) -> list[tuple[str, int]]:
     ]
 
 
-def _assigned_names(statements: list[ast.stmt]) -> tuple[set[str], set[str]]:
+def assigned_names(statements: list[ast.stmt]) -> tuple[set[str], set[str]]:
+    """The names a scope's own code binds or deletes, and those it declares `global`."""
     assigned: set[str] = set()
     declared: set[str] = set()
     for node in _own_scope(statements):
@@ -516,215 +504,3 @@ def _loaded_names(statements: list[ast.stmt]) -> set[str]:
         for node in ast.walk(statement)
         if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Load)
     }
-
-
-class _CrossLoads(ast.NodeTransformer):
-    """Rewrites loads of names bound by other bodies into `__mediator_name__("name")`,
-    except where a nested scope binds the name itself."""
-
-    def __init__(self, names: frozenset[str], mangle: Callable[[str], str]) -> None:
-        self.names = names
-        self.mangle = mangle
-        self.shadowed: list[set[str]] = []
-
-    def visit_Name(self, node: ast.Name) -> ast.AST:
-        name = self.mangle(node.id)
-        if (
-            isinstance(node.ctx, ast.Load)
-            and name in self.names
-            and not any(node.id in scope for scope in self.shadowed)
-        ):
-            call = ast.Call(
-                func=ast.Name(id=_LOOKUP, ctx=ast.Load()),
-                args=[ast.Constant(name)],
-                keywords=[],
-            )
-            return ast.copy_location(call, node)
-        return node
-
-    def _scoped(self, node: ast.AST, bound: set[str]) -> ast.AST:
-        self.shadowed.append(bound)
-        try:
-            return self.generic_visit(node)
-        finally:
-            self.shadowed.pop()
-
-    def visit_Lambda(self, node: ast.Lambda) -> ast.AST:
-        return self._scoped(node, _argument_names(node.args))
-
-    def visit_FunctionDef(self, node: ast.FunctionDef) -> ast.AST:
-        return self._scoped(node, _argument_names(node.args) | _assigned_names(node.body)[0])
-
-    visit_AsyncFunctionDef = visit_FunctionDef  # type: ignore[assignment]
-
-    def _comprehension(self, node: ast.AST) -> ast.AST:
-        targets = {
-            name.id
-            for generator in node.generators  # type: ignore[attr-defined]
-            for name in ast.walk(generator.target)
-            if isinstance(name, ast.Name)
-        }
-        return self._scoped(node, targets)
-
-    visit_ListComp = visit_SetComp = visit_DictComp = visit_GeneratorExp = _comprehension
-
-
-class _Undeclared(ast.NodeTransformer):
-    """Drops the body's own `global` and `nonlocal` statements: the compiled function declares
-    the globals once at its top, and a `nonlocal` name is the caller's to write back."""
-
-    def visit_Global(self, node: ast.Global) -> ast.AST:
-        return ast.copy_location(ast.Pass(), node)
-
-    visit_Nonlocal = visit_Global  # type: ignore[assignment]
-
-    def _keep(self, node: ast.AST) -> ast.AST:
-        return node
-
-    visit_FunctionDef = visit_AsyncFunctionDef = visit_Lambda = visit_ClassDef = _keep
-
-
-def _argument_names(arguments: ast.arguments) -> set[str]:
-    every = arguments.posonlyargs + arguments.args + arguments.kwonlyargs
-    names = {arg.arg for arg in every}
-    for extra in (arguments.vararg, arguments.kwarg):
-        if extra is not None:
-            names.add(extra.arg)
-    return names
-
-
-def _parameters(
-    source: BodySource, scope: dict[str, Any], cross: frozenset[str]
-) -> tuple[str, ...]:
-    """The body function's parameters: the enclosing names it gets, the enclosing function's
-    first parameter first (zero-argument `super()` reads it there)."""
-    names = sorted(name for name in scope if name not in cross and name != _CLASS_CELL)
-    first = source.first_arg
-    if first is not None and first in names:
-        names.remove(first)
-        names.insert(0, first)
-    return tuple(names)
-
-
-def make_body(
-    source: BodySource,
-    scope: dict[str, Any],
-    cross: frozenset[str],
-    globals_: dict[str, Any],
-    keep: Callable[[dict[str, Any]], None],
-    lookup: Callable[[str], Any],
-) -> tuple[types.FunctionType, tuple[Any, ...]]:
-    """The body as a function of the caller's globals, and the arguments to call it with.
-
-    `cross` names are read through `lookup(...)`; as the body ends, for any reason, it calls
-    `keep(locals())`.
-    """
-    params = _parameters(source, scope, cross)
-    code = compile_body(source, params, cross)
-    cells = {
-        _KEEP: keep,
-        _LOOKUP: lookup,
-        _LOCALS: builtins.locals,
-        _CLASS_CELL: scope.get(_CLASS_CELL),
-    }
-    closure = tuple(types.CellType(cells[name]) for name in code.co_freevars)
-    function = types.FunctionType(code, globals_, code.co_name, None, closure)
-    return function, tuple(scope[name] for name in params)
-
-
-def compile_body(
-    source: BodySource, params: tuple[str, ...], cross: frozenset[str]
-) -> types.CodeType:
-    """The code of a function `(*params)` running the body, with the hooks as free variables."""
-    key = (source, params, cross)
-    code = _compiled.get(key)
-    if code is not None:
-        return code
-    statements = [_Undeclared().visit(copy.deepcopy(statement)) for statement in source.statements]
-    if cross:
-        statements = [_CrossLoads(cross, source.mangle).visit(s) for s in statements]
-    keep = ast.Expr(
-        ast.Call(
-            func=ast.Name(_KEEP, ast.Load()),
-            args=[ast.Call(ast.Name(_LOCALS, ast.Load()), [], [])],
-            keywords=[],
-        )
-    )
-    declared: list[ast.stmt] = []
-    if source.declared_global:
-        declared.append(ast.Global(sorted(source.declared_global)))
-    body = ast.Try(body=statements, handlers=[], orelse=[], finalbody=[keep])
-    function = _function(_BODY, params, [*declared, body])
-    scope = _function(_SCOPE, (_KEEP, _LOOKUP, _LOCALS), [function])
-    outer: ast.stmt = scope
-    if source.class_name is not None:
-        outer = ast.ClassDef(
-            name=source.class_name, bases=[], keywords=[], body=[scope], decorator_list=[]
-        )
-        if "type_params" in ast.ClassDef._fields:
-            setattr(outer, "type_params", [])  # noqa: B010 - Python 3.12+ only
-    for node in (outer, scope, function, body, *declared):
-        ast.copy_location(node, source.statements[0])
-    ast.copy_location(keep, source.statements[-1])  # a debugger steps on, not back
-    module = ast.fix_missing_locations(ast.Module(body=[outer], type_ignores=[]))
-    compiled = compile(module, source.filename, "exec", flags=source.flags, dont_inherit=True)
-    code = _find_code(compiled, _BODY)
-    owner = f"{source.class_name}." if source.class_name is not None else ""
-    code = _requalified(code, f"{owner}{_SCOPE}.<locals>.{_BODY}.<locals>.", source.prefix)
-    code = code.replace(co_name=source.name)
-    if _HAS_QUALNAME:
-        code = code.replace(co_qualname=source.qualname)  # type: ignore[call-arg,unused-ignore]
-    _compiled[key] = code
-    return code
-
-
-def _function(name: str, params: tuple[str, ...], body: list[ast.stmt]) -> ast.FunctionDef:
-    function = ast.FunctionDef(
-        name=name,
-        args=ast.arguments(
-            posonlyargs=[],
-            args=[ast.arg(param) for param in params],
-            kwonlyargs=[],
-            kw_defaults=[],
-            defaults=[],
-        ),
-        body=body,
-        decorator_list=[],
-        returns=None,
-    )
-    if "type_params" in ast.FunctionDef._fields:
-        setattr(function, "type_params", [])  # noqa: B010 - Python 3.12+ only
-    return function
-
-
-def _find_code(code: types.CodeType, name: str) -> types.CodeType:
-    for const in code.co_consts:
-        if isinstance(const, types.CodeType):
-            if const.co_name == name:
-                return const
-            try:
-                return _find_code(const, name)
-            except LookupError:
-                pass
-    raise LookupError(name)
-
-
-def _requalified(code: types.CodeType, old: str, new: str) -> types.CodeType:
-    """`code` with the qualified names of what it defines starting `new` instead of `old`: a
-    class or function defined in a body is named as if the body ran where it stands."""
-    consts = tuple(
-        _requalified(const, old, new)
-        if isinstance(const, types.CodeType)
-        else new + const[len(old) :]
-        if isinstance(const, str) and const.startswith(old)
-        else const
-        for const in code.co_consts
-    )
-    code = code.replace(co_consts=consts)
-    qualname: str = getattr(code, "co_qualname", "")
-    if qualname.startswith(old):
-        code = code.replace(co_qualname=new + qualname[len(old) :])  # type: ignore[call-arg,unused-ignore]
-    return code
-
-
-_HAS_QUALNAME = hasattr(types.CodeType, "co_qualname")
