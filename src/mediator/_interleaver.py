@@ -38,7 +38,9 @@ it has the baton back)
     SWAP    `mediator.ops.append(Op(key, ...))`: does not block. Applied when the model reaches
             `key` (or at once when it stands there). A late error (wrong shape, never reached)
             is raised in the body at the request it is blocked on, naming the line of the swap.
-    SKIP    like SWAP, at the input boundary of a call: the call does not run for that invoke.
+    SKIP    like SWAP, at the input boundary of a call: the call does not run for that invoke
+            (`_skips.py`; when every row skips, the values are checked against the output a
+            copy of the module gives on fake tensors).
     BARRIER `mediator.waiting = Request(BARRIER, barrier)`: blocks until every participant
             arrived; the interleaver then resumes them in definition order.
     NAME    `mediator.waiting = Request(NAME, name)`: a with-body reads a name another body
@@ -61,7 +63,7 @@ Replies, interleaver -> mediator (what `get()` returns in the mediator)
     a value (VALUE, NAME), None (BARRIER, STEP released), or a `Signal` carrying an exception to
     raise at the blocked request: MissedProviderError, NameError, ..., or `Cancelled`.
 
-Order of a trace (`_run.TraceRun` drives it)
+Order of a trace (`_run.run_trace` drives it)
     1. Start the mediators one by one in definition order (the plan); each runs until it
        blocks or ends. A worker that cannot be started fails the trace (the mediator is
        CANCELLED, the error is the trace's).
@@ -71,10 +73,10 @@ Order of a trace (`_run.TraceRun` drives it)
        back, settle barriers and name waits. A boundary nobody watches costs two list reads and no
        queue traffic; one somebody watches costs what its own events cost, however many
        invokes wait elsewhere.
-    3. After the forward (`finish`): answer RESULT requests and end open loops (STEP ->
-       `LoopEnd`), in definition order; every other open request can no longer be served:
-       resume each blocked mediator with MissedProviderError (or NameError, or an
-       unfinished-barrier error) until all have ended.
+    3. After the forward (`finish`, in `_waits.py` with the other non-boundary requests):
+       answer RESULT requests and end open loops (STEP -> `LoopEnd`), in definition order;
+       every other open request can no longer be served: resume each blocked mediator with
+       MissedProviderError (or NameError, or an unfinished-barrier error) until all have ended.
     4. On any failure (an exception from a body, the model or the library, or Ctrl-C), `cancel`:
        the forward stops; under `handoff_lock`, `cancelling` is set and the plan dropped, so no
        mediator starts another; every mediator that has not ended is told so (its next request
@@ -88,10 +90,12 @@ Order of a trace (`_run.TraceRun` drives it)
        trace raises at once; the stuck worker rejoins the pool only once its body has ended.
 
 Ctrl-C
-    On the main thread a trace routes SIGINT to itself (`_interrupts.py`): the signal sets
-    `interrupted` and puts `SIGINT` into the inbox, so the model thread sees it where it waits
-    (a `get()`, which the signal wakes) or at its next module call, never in the middle of the
-    protocol; it then raises `KeyboardInterrupt` there.
+    On the main thread a trace routes SIGINT to itself (`_interrupts.py`). In model code (the
+    module's own forward, hooks, `generate`) it raises `KeyboardInterrupt` there, as without the
+    library: the model thread holds the baton then. Anywhere else the signal sets `interrupted`
+    and puts `SIGINT` into the inbox, so the model thread sees it where it waits (a `get()`,
+    which the signal wakes) or at its next module call, never in the middle of the protocol; it
+    then raises `KeyboardInterrupt` there, and `running` says who holds the baton.
 
 Every wait has a way out: a mediator blocked in `get()` is always resumed (by the model thread,
 which owns the order above, or along a plan or a cancellation chain by the mediator before it),
