@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import gc
+import signal
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,6 +14,8 @@ from torch import nn
 
 import mediator
 from mediator import _workers
+
+ROOT = Path(__file__).resolve().parent.parent  # the repository
 
 # Tests compare thread counts and the pool's size across traces: no idle worker may end meanwhile
 # (tests of the idle time use pools of their own).
@@ -105,3 +109,14 @@ def no_busy_worker() -> Iterator[None]:
     yield
     gc.collect()
     assert busy_workers() == [], "a mediator thread is still running after the test"
+
+
+@pytest.fixture
+def sigint_ready() -> None:
+    """Skip unless a SIGINT sent to the main thread reaches Python's default handler there."""
+    if threading.current_thread() is not threading.main_thread():
+        pytest.skip("Ctrl-C reaches the main thread only")
+    if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        pytest.skip("SIGINT is not handled by Python's default handler here")
+    if not hasattr(signal, "pthread_kill"):
+        pytest.skip("needs signal.pthread_kill")

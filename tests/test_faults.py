@@ -998,16 +998,6 @@ def test_function_raises_after_the_result(model, x, err, clean):
 # == Ctrl-C: a real SIGINT to the main thread ================================================
 
 
-@pytest.fixture
-def sigint_ready() -> None:
-    if threading.current_thread() is not threading.main_thread():
-        pytest.skip("Ctrl-C reaches the main thread only")
-    if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
-        pytest.skip("SIGINT is not handled by Python's default handler here")
-    if not hasattr(signal, "pthread_kill"):
-        pytest.skip("needs signal.pthread_kill")
-
-
 class CtrlC:
     """Sends SIGINT to the main thread (`signal.pthread_kill`) from a helper thread once `go`
     is set, and measures how long the trace takes to raise KeyboardInterrupt.

@@ -34,23 +34,6 @@ class Boom(Exception):
 
 
 @pytest.fixture
-def net() -> MLP:
-    torch.manual_seed(0)
-    return MLP(depth=4)
-
-
-@pytest.fixture
-def model(net: MLP) -> mediator.Model:
-    return mediator.Model(net)
-
-
-@pytest.fixture
-def x() -> torch.Tensor:
-    torch.manual_seed(1)
-    return torch.randn(3, 8)
-
-
-@pytest.fixture
 def clean(net: MLP, model: mediator.Model, x: torch.Tensor) -> Callable[[], None]:
     """`clean()`: nothing of a failed trace is left, and the model traces and computes as
     before (oracle: a plain forward pass)."""
@@ -222,14 +205,6 @@ class _Exclusive:
     def leave(self, name: str) -> None:
         with self.lock:
             self.active.remove(name)
-
-
-@pytest.fixture
-def sigint_ready() -> None:
-    if threading.current_thread() is not threading.main_thread():
-        pytest.skip("Ctrl-C reaches the main thread only")
-    if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
-        pytest.skip("SIGINT is not handled by Python's default handler here")
 
 
 class _CtrlC:

@@ -175,18 +175,8 @@ def test_a_worker_made_while_the_caller_is_pinned_is_not_pinned_forever(x):
 # -- a worker stuck after Ctrl-C ----------------------------------------------------------------
 
 
-@pytest.fixture
-def main_thread_with_default_sigint() -> None:
-    if threading.current_thread() is not threading.main_thread():
-        pytest.skip("Ctrl-C reaches the main thread only")
-    if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
-        pytest.skip("SIGINT is not handled by Python's default handler here")
-
-
 @pytest.mark.skipif(not LINUX, reason="SIGINT to the main thread on Linux")
-def test_a_worker_stuck_in_c_after_ctrl_c_gets_no_new_work(
-    net, x, main_thread_with_default_sigint, monkeypatch
-):
+def test_a_worker_stuck_in_c_after_ctrl_c_gets_no_new_work(net, x, sigint_ready, monkeypatch):
     model = mediator.Model(net)
     reference = net(x)
     entered, release = threading.Event(), threading.Event()
