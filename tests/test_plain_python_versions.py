@@ -57,10 +57,11 @@ _DRIVER = textwrap.dedent(
                 frames.write_names(frame, {
                     n: final.get(n, frames.UNBOUND)
                     for n in body.assigns if n in final or n in scope})
+            if body.as_name:  # the skip lands where Python would bind it: bind it here
+                frames.write_names(frame, {body.as_name: self})
             self.skipper = None
             if not body.trivial:
-                self.skipper = frames.BodySkipper(
-                    frame, body.first_line, body.last_line, body.first_column, body.inline)
+                self.skipper = frames.BodySkipper(frame)
             return self
 
         def __exit__(self, kind, error, tb):

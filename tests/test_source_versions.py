@@ -46,10 +46,11 @@ _PROGRAM = textwrap.dedent(
                 body, scope, cross, frame.f_globals, kept.append, lambda name: ("shared", name))
             function(*args)
             frames.write_names(frame, {n: kept[0][n] for n in body.assigns if n in kept[0]})
+            if body.as_name:  # the skip lands where Python would bind it: bind it here
+                frames.write_names(frame, {body.as_name: self})
             self.skipper = None
             if not body.trivial:
-                self.skipper = frames.BodySkipper(
-                    frame, body.first_line, body.last_line, body.first_column, body.inline)
+                self.skipper = frames.BodySkipper(frame)
             return self
 
         def __exit__(self, kind, error, tb):

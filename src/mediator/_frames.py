@@ -87,32 +87,25 @@ def write_names(frame: types.FrameType, values: dict[str, Any]) -> None:
 
 
 class BodySkipper:
-    """Makes `frame` raise `SkipBody` when it reaches the body (its first line in
-    `first..last`, or, for a body on the header's own line, its first instruction from column
-    `column` on); `restore()` puts the thread's and the frame's tracing back as they were.
+    """Makes `frame`, which is entering a `with` statement, raise `SkipBody` at its next
+    instruction (the one right after the context manager's `__enter__` returned: it binds the
+    `as` target or drops the value, inside the with statement's own protected range and before
+    anything the body opens, such as a `try`); the statement's `__exit__` swallows it, so the
+    body does not run in the caller. `restore()` puts the thread's and the frame's tracing back
+    as they were.
 
-    The trace functions are small objects rather than closures: a closure that returns itself
-    is a reference cycle, which would leave garbage for the cycle collector after every trace.
+    The trace function is a small object rather than a closure: a closure that returns itself is
+    a reference cycle, which would leave garbage for the cycle collector after every trace.
     """
 
-    def __init__(
-        self, frame: types.FrameType, first: int, last: int, column: int, inline: bool
-    ) -> None:
+    def __init__(self, frame: types.FrameType) -> None:
         self.frame = frame
         self.previous_global = sys.gettrace()
         self.previous_local = frame.f_trace
         self.previous_opcodes = frame.f_trace_opcodes
         self.active = True
-        if not inline:
-            local: Callable[..., Any] = _SkipAtLine(first, last)
-        else:
-            if not hasattr(frame.f_code, "co_positions"):
-                raise UsageError(
-                    "on Python 3.10, put the body of a traced `with` block on its own line"
-                )
-            local = _SkipAtColumn(list(frame.f_code.co_positions()), first, column)
-            frame.f_trace_opcodes = True
-        frame.f_trace = local
+        frame.f_trace_opcodes = True
+        frame.f_trace = _SKIP_AT_NEXT_INSTRUCTION
         sys.settrace(_ChainGlobal(self.previous_global))
 
     def restore(self) -> None:
@@ -125,35 +118,18 @@ class BodySkipper:
         self.frame = None  # type: ignore[assignment]
 
 
-class _SkipAtLine:
-    """Local trace function: raise `SkipBody` on the first line event inside the body."""
+class _SkipAtNextInstruction:
+    """Local trace function: raise `SkipBody` at the next instruction event."""
 
-    __slots__ = ("first", "last")
+    __slots__ = ()
 
-    def __init__(self, first: int, last: int) -> None:
-        self.first, self.last = first, last
-
-    def __call__(self, traced: types.FrameType, event: str, arg: Any) -> _SkipAtLine:
-        if event == "line" and self.first <= traced.f_lineno <= self.last:
+    def __call__(self, traced: types.FrameType, event: str, arg: Any) -> _SkipAtNextInstruction:
+        if event == "opcode":
             raise SkipBody
         return self
 
 
-class _SkipAtColumn:
-    """Local trace function: raise `SkipBody` at the first instruction of the body, on the
-    header's line from `column` on (a body written on the `with` line itself)."""
-
-    __slots__ = ("positions", "line", "column")
-
-    def __init__(self, positions: list[Any], line: int, column: int) -> None:
-        self.positions, self.line, self.column = positions, line, column
-
-    def __call__(self, traced: types.FrameType, event: str, arg: Any) -> _SkipAtColumn:
-        if event == "opcode":
-            line, _, start, _ = self.positions[traced.f_lasti // 2]
-            if line == self.line and start is not None and start >= self.column:
-                raise SkipBody
-        return self
+_SKIP_AT_NEXT_INSTRUCTION = _SkipAtNextInstruction()
 
 
 class _ChainGlobal:

@@ -146,9 +146,7 @@ class Invoke:
         """Make the caller jump over the body (the mediator runs it)."""
         source = self.source
         if source is not None and not source.trivial:
-            self._skipper = BodySkipper(
-                frame, source.first_line, source.last_line, source.first_column, source.inline
-            )
+            self._skipper = BodySkipper(frame)
 
 
 class Tracer:
