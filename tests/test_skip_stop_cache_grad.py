@@ -355,16 +355,18 @@ def test_stop_in_second_invoke_keeps_both_invokes_names(net, model, pair):
     seen = plain_outputs(net, net.layers[0], torch.cat([x1, x2]))
     counts, handles = counters(net, list(net.layers))
     try:
-        with model.trace() as tr:
-            with tr.invoke(x1):
-                a0 = model.layers[0].output
-                a2 = model.layers[2].output
-            with tr.invoke(x2):
-                b0 = model.layers[0].output
-                tr.stop()
+        with pytest.warns(mediator.StoppedWarning, match=r"invoke 0 .* layers\.2\.output"):
+            with model.trace() as tr:
+                with tr.invoke(x1):
+                    a0 = model.layers[0].output
+                    a2 = model.layers[2].output  # cut by the stop: a2 stays unbound
+                with tr.invoke(x2):
+                    b0 = model.layers[0].output
+                    tr.stop()
     finally:
         for handle in handles:
             handle.remove()
+    assert "a2" not in locals()
     assert counts == [1, 0, 0, 0]
     assert torch.equal(a0, seen[:2])
     assert torch.equal(b0, seen[2:])

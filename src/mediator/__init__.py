@@ -26,6 +26,7 @@ from ._errors import (
     OutOfOrderError,
     ShapeError,
     SourceUnavailableError,
+    StoppedWarning,
     UsageError,
 )
 from ._tracer import Invoke, Tracer
@@ -43,6 +44,7 @@ __all__ = [
     "OutOfOrderError",
     "ShapeError",
     "SourceUnavailableError",
+    "StoppedWarning",
     "Tracer",
     "UsageError",
     "models",

@@ -23,6 +23,20 @@ def user_frame() -> types.FrameType | None:
     return frame  # type: ignore[no-any-return]
 
 
+def outer_user_frame() -> types.FrameType | None:
+    """The outermost frame of the user's code that called into this package on the calling
+    thread (for a body: the body's own frame, below the library code that runs it)."""
+    frame: Any = sys._getframe(1)
+    outer = None
+    while frame is not None:
+        if not frame.f_code.co_filename.startswith(PACKAGE_DIR):
+            outer = frame
+        elif outer is not None:
+            break
+        frame = frame.f_back
+    return outer
+
+
 def user_line() -> tuple[str, int] | None:
     """The file and line of the user's code that called into this package."""
     frame = user_frame()

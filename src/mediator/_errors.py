@@ -141,7 +141,8 @@ class LateEditWarning(UserWarning):
     only while the model stands at that point. Once the body has asked for something the model
     computes later (or waited for another invoke's name), the model has moved on: an in-place
     edit of an earlier value then changes nothing in this forward pass. The warning names the
-    value and the line of the body's next request. It covers edits made in the stretch of code
+    value and is shown at the line of the body's next request; it says the edit lies between
+    the line where the model moved on and that one. It covers edits made in the stretch of code
     right after the model moved past the value (where this mistake happens); an old value
     edited further on is not watched. Make the edit right after reading the value, or
     `.clone()` a value you want to change for your own use; filter the warning with
@@ -157,4 +158,31 @@ class LateEditWarning(UserWarning):
         with model.trace(x):                 # instead: edit where the value is read
             model.layers[0].output[:] = 0
             logits = model.output
+    """
+
+
+class StoppedWarning(UserWarning):
+    """`tr.stop()` in one invoke cut another invoke's body short.
+
+    `tr.stop()` ends the forward pass right after the point the model stands at. Another body
+    still waiting then for something the model would compute later (a later `.output`, the next
+    step of an open `tr.iter[...]` loop, `tr.result`) ends at that request, as if it returned
+    there: the code after it does not run, the names it bound before keep their values and the
+    ones it would have bound later keep their earlier values (a function invoke's future raises
+    `MissedProviderError`). The trace still exits normally. The warning names the invoke and the
+    request it was cut at, at the line of that request; the body that called `tr.stop()` gets
+    none, and neither do bodies ended by a failing trace (its exception says what happened).
+    Call `tr.stop()` after the last value every invoke needs; filter the warning with
+    `warnings.filterwarnings("ignore", category=mediator.StoppedWarning)`.
+
+    Example:
+
+        with model.trace() as tr:
+            with tr.invoke(x1):
+                late = model.layers[3].output    # StoppedWarning: cut at layers.3.output
+            with tr.invoke(x2):
+                early = model.layers[1].output
+                tr.stop()                        # the model ends after layers.1
+
+        # `late` keeps the value it had before the trace; `early` is bound
     """

@@ -50,9 +50,10 @@ it has the baton back)
             then be late), or with `LoopEnd` when the traced call returns first.
     RESULT  `mediator.waiting = Request(RESULT, None)`: `tr.result` inside a body; answered once
             the traced call has returned.
-    STOP    `interleaver.stopping = True` (`tr.stop()`, which then ends its body like `return`):
-            when the baton comes back, the model thread raises `StopForward` to end the forward;
-            bodies still waiting are cancelled quietly.
+    STOP    `interleaver.stopped_by = index` (`tr.stop()`, which then ends its body like
+            `return`): the model thread serves the rest of the current point (the plan, barriers,
+            names), then raises `StopForward` to end the forward. Bodies still waiting then are
+            cut (`note_cuts`: a `StoppedWarning` each) and cancelled.
     CACHE   `interleaver.open_cache(cache)` (`tr.cache()`): the cached sites become watched, and
             after every boundary of them is served its merged value is recorded. Needs no
             answer.
@@ -139,6 +140,9 @@ if TYPE_CHECKING:
 
 _CREATED, _BLOCKED = MediatorState.CREATED, MediatorState.BLOCKED
 
+#: Where the model stands: the calls of each site that began, and those still open.
+Position = tuple[list[int], list[list[int]]]
+
 
 class Interleaver(Waits):
     """Runs one batched forward pass and serves the mediators of a trace at its boundaries."""
@@ -171,7 +175,7 @@ class Interleaver(Waits):
         self.name_waits = 0  # mediators blocked on a NAME request
         self.step_waits = 0  # mediators blocked on a STEP request
         self.step_floor = 0  # the lowest step they wait for
-        self.stopping = False
+        self.stopped_by: int | None = None  # the invoke that called tr.stop()
         self.interrupted = False  # a SIGINT arrived (`_interrupts.py`)
         self.result: Any = MISSING
         self.caches: list[Cache] = []
@@ -198,6 +202,7 @@ class Interleaver(Waits):
         call = self.started[site]
         if self.step_waits and call >= self.step_floor:
             self._wake_steps(call)  # before the call counts as started: its input is still ahead
+            self._check_stop()
         self.started[site] = call + 1
         open_calls = self.open_calls[site]
         open_calls.append(call)
@@ -363,9 +368,15 @@ class Interleaver(Waits):
             if not self._advance():
                 if self.failure is not None:
                     raise Abort
-                return
+                break
             self._wait_for_baton()
             self._settle()
+        self._check_stop()
+
+    def _check_stop(self) -> None:
+        """End the forward here if a body called `tr.stop()` (the current point is served)."""
+        if self.stopped_by is not None and not self.forward_done:
+            raise StopForward
 
     def _advance(self) -> bool:
         """Do the next steps of the plan, on whichever thread holds the baton, until one hands
@@ -432,7 +443,7 @@ class Interleaver(Waits):
             self.inbox.put(mediator)
 
     def _needs_model_thread(self) -> bool:
-        return self.stopping or bool(self.barriers) or self.name_waits > 0
+        return self.stopped_by is not None or bool(self.barriers) or self.name_waits > 0
 
     def _resume(self, mediator: Mediator, reply: Any) -> None:
         """Hand the baton to a blocked mediator and wait until it blocks again or ends. Its own
@@ -458,19 +469,22 @@ class Interleaver(Waits):
         if self.failure is not None:
             self.plan = []
             raise Abort
-        if self.stopping and not self.forward_done:
-            self.plan = []
-            raise StopForward
 
     # -- for mediators (called while they hold the baton) ------------------------------------
 
-    def passed(self, key: Key) -> bool:
-        """Whether the model already went past boundary `key`: the input of a call that began,
-        the output of one that returned (calls of a module that calls itself end innermost
-        first, so the output of call 0 comes after those of the calls it made)."""
+    def passed(self, key: Key, position: Position | None = None) -> bool:
+        """Whether the model already went past boundary `key` (now, or where it stood at an
+        earlier `position()`): the input of a call that began, the output of one that returned
+        (calls of a module that calls itself end innermost first, so the output of call 0 comes
+        after those of the calls it made)."""
+        started, open_calls = (self.started, self.open_calls) if position is None else position
         site, kind, call = key
-        began = self.started[site] > call
-        return began if kind == INPUT else began and call not in self.open_calls[site]
+        began = started[site] > call
+        return began if kind == INPUT else began and call not in open_calls[site]
+
+    def position(self) -> Position:
+        """Where the model stands: a copy of the calls begun and open, for `passed`."""
+        return list(self.started), [list(calls) for calls in self.open_calls]
 
     def describe(self, key: Key) -> str:
         site, kind, call = key

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import builtins
 import ctypes
+import functools
 import queue
 import sys
 import threading
@@ -27,7 +28,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from . import _context, _workers
-from ._callsite import user_traceback
+from ._callsite import PACKAGE_DIR, user_traceback
 from ._errors import MissedProviderError, OutOfOrderError
 from ._late_edits import LateEditWatch
 from ._protocol import (
@@ -90,9 +91,14 @@ class Mediator:
         self.ops: list[Op] = []
         self.watch = LateEditWatch()
         self.step = 0
+        self.loop_ended = False  # an open tr.iter loop of this body ended (the call returned)
+        # the name this body last waited for, with where the model stood as the wait began
+        # (`Interleaver.position`); None once it makes another blocking request
+        self.name_wait: tuple[str, Any] | None = None
         self.result: Any = None
         self.error: BaseException | None = None
         self.final_locals: dict[str, Any] | None = None
+        self.cut: tuple[str, tuple[str, int] | None] | None = None  # see `Waits.note_cuts`
         self.thread: threading.Thread | None = None
         self._lock = threading.Lock()
         self._in_user_code = False
@@ -160,6 +166,7 @@ class Mediator:
             self.enter_state(_CANCELLED if cancelled else _DONE)
         self.body = self.args = None  # its ops stay: an op never used fails the trace
         self.watch.past = []
+        self.watch.frame = None  # the body's frame: it holds the body's values
         self.interleaver = None
         self.thread = None
         _context.set_current(None)
@@ -256,18 +263,21 @@ class Mediator:
 
     def stop(self) -> NoReturn:
         """STOP: end the forward pass after the current point, and this body here."""
-        self._live().stopping = True
+        self._live().stopped_by = self.index
         raise BodyStopped
 
     def lookup_name(self, name: str) -> Any:
         """A name this with-body reads and another body binds: wait until one has bound it."""
         interleaver = self._live()
-        found, value = interleaver.lookup(self, name)
-        if found:
+        provider, value = interleaver.lookup(self, name)
+        if provider is not None:
             return value
         try:
             interleaver.name_waits += 1
-            return self._block(Request(NAME, name))
+            position = interleaver.position()
+            value = self._block(Request(NAME, name))
+            self.name_wait = (name, position)
+            return value
         except NameError:
             if name in self.fallbacks:
                 return self.fallbacks[name]
@@ -297,6 +307,24 @@ class Mediator:
             return True, value
         return False, None
 
+    def label(self) -> str:
+        """`invoke i` and where its body is, for messages (while the body has not ended)."""
+        code = self.code
+        if code is not None:
+            return (
+                f"invoke {self.index} (its with-body at {code.co_filename}:{code.co_firstlineno})"
+            )
+        body = self.body.func if isinstance(self.body, functools.partial) else self.body
+        return f"invoke {self.index} ({getattr(body, '__qualname__', 'a function')})"
+
+    def blocked_line(self) -> tuple[str, int] | None:
+        """The user's line where this BLOCKED body waits (read from its thread's stack)."""
+        thread = self.thread
+        frame = None if thread is None else sys._current_frames().get(thread.ident or -1)
+        while frame is not None and frame.f_code.co_filename.startswith(PACKAGE_DIR):
+            frame = frame.f_back
+        return None if frame is None else (frame.f_code.co_filename, frame.f_lineno)
+
     def _body_frame(self) -> Any:
         thread = self.thread
         if thread is None or thread.ident is None:
@@ -314,19 +342,43 @@ class Mediator:
         return interleaver
 
     def _check_order(self, interleaver: Interleaver, key: Key) -> None:
-        if interleaver.passed(key):
+        passed = interleaver.passed(key)
+        what = interleaver.describe(key)
+        if self.loop_ended and interleaver.forward_done:
+            error = OutOfOrderError if passed else MissedProviderError
+            raise error(
+                f"{what} was requested after an open `tr.iter[a:]` loop of this body ended: "
+                "such a loop ends only when the traced call has returned, so the model computes "
+                "nothing more. Read the value inside the loop, use tr.result for the call's "
+                "return value, or loop over a bounded range (tr.iter[0:n]), after which the "
+                "model still runs"
+            )
+        if passed:
             here = interleaver.current
             where = f" (it is now at {here.describe()})" if here is not None else ""
             raise OutOfOrderError(
-                f"{interleaver.describe(key)} was requested after the model had already "
-                f"computed it{where}. Request values in the order the model computes them; "
-                "to use a value in a later invoke, read it in an earlier one"
+                f"{what} was requested after the model had already computed it{where}. "
+                f"{self._name_wait_hint(interleaver, key)}Request values in the order the "
+                "model computes them; to use a value in a later invoke, read it in an earlier one"
             )
         if interleaver.forward_done:
             raise MissedProviderError(
-                f"{interleaver.describe(key)} was requested after the forward pass ended: "
-                f"{interleaver.never(key)}"
+                f"{what} was requested after the forward pass ended: {interleaver.never(key)}"
             )
+
+    def _name_wait_hint(self, interleaver: Interleaver, key: Key) -> str:
+        """Why `key` was passed, if the model passed it while this body waited for a name."""
+        if self.name_wait is None:
+            return ""
+        name, position = self.name_wait
+        if interleaver.passed(key, position):
+            return ""  # already passed when the wait began: the wait is not why
+        provider, _ = interleaver.lookup(self, name)
+        who = "another invoke" if provider is None else f"invoke {provider.index}"
+        return (
+            f"This body waited for the name {name!r}, which {who} binds, and the model ran on "
+            f"meanwhile: request {interleaver.describe(key)} before the line that uses {name!r}. "
+        )
 
     def _block(self, request: Request) -> Any:
         """Make `request`, hand the baton on, and wait for the reply."""
@@ -335,6 +387,7 @@ class Mediator:
         self._leave_user_code()
         if self.watch.past:
             self.watch.check(interleaver.current, ended=False)
+        self.name_wait = None
         self.waiting = request
         self.enter_state(_BLOCKED)
         interleaver.pass_baton(self)

@@ -6,14 +6,16 @@ compiling a body, pinning the CPU, starting a worker, the model, a body, Ctrl-C)
 step runs, each independently of the others, in this order:
 
     1. the mediators: on a failure or `tr.stop()`, the interleaver cancels every mediator that
-       has not ended (one at a time; see `_interleaver.py`), else each has ended already;
+       has not ended (one at a time; see `_interleaver.py`), else each has ended already; after
+       `tr.stop()` (without a failure) each one cancelled is noted as cut short;
     2. the taps: the model's modules route the calling thread's calls as before the trace;
     3. Ctrl-C: SIGINT's handler is the one from before the trace;
     4. the CPU pin: the calling thread gets its own CPU mask back;
     5. the interleaver drops the values it held;
     6. the invokes are settled: names the with-bodies bound are written back into the caller's
        frame, every function invoke's future is resolved (with its result, its error, or the
-       trace's failure), late in-place edits are reported, and no value of the trace is kept.
+       trace's failure), late in-place edits and bodies cut short by `tr.stop()` are reported
+       (`LateEditWarning`, `StoppedWarning`), and no value of the trace is kept.
 
 This module owns no state beyond one run's locals.
 """
@@ -32,11 +34,11 @@ from ._affinity import restore_current_thread, trace_cpu
 from ._batcher import Inputs
 from ._body import make_body
 from ._cache import Cache
-from ._errors import MediatorError, UsageError
+from ._errors import MediatorError, MissedProviderError, UsageError
 from ._frames import UNBOUND, write_names
 from ._interleaver import Interleaver
 from ._interrupts import model_call_site, routed_to
-from ._late_edits import warn
+from ._late_edits import warn, warn_stopped
 from ._mediator import Mediator
 from ._protocol import Abort, MediatorState, StopForward
 from ._source import BodySource
@@ -197,7 +199,10 @@ def _end_mediators(
     if isinstance(error, StopForward):
         interleaver.forward_done = True
     outcome.failure = failure
-    if failure is not None or interleaver.stopping:
+    stopper = interleaver.stopped_by
+    if failure is None and stopper is not None:
+        interleaver.note_cuts(stopper)
+    if failure is not None or stopper is not None:
         deadline = time.monotonic() + 1.0 if isinstance(failure, KeyboardInterrupt) else None
         interleaver.cancel(deadline)
     else:
@@ -213,8 +218,8 @@ def _settle(
     error: BaseException | None,
     tb: types.TracebackType | None,
 ) -> bool:
-    """Release step 6: names back into the caller's frame, futures resolved, late edits
-    reported, and no value of the trace kept by the invokes or mediators."""
+    """Release step 6: names back into the caller's frame, futures resolved, late edits and cut
+    bodies reported, and no value of the trace kept by the invokes or mediators."""
     failure = outcome.failure or error
     names: dict[str, Any] = {}
     mediators = outcome.mediators
@@ -231,6 +236,8 @@ def _settle(
         if spec.future is not None:
             if ended is not None and ended.state is MediatorState.DONE and ended.error is None:
                 spec.future.resolve(ended.result, None)
+            elif ended is not None and ended.cut is not None:
+                spec.future.resolve(None, MissedProviderError(ended.cut[0]))
             else:
                 own = ended.error if ended is not None else None
                 cancelled = MediatorError("the trace was cancelled")
@@ -239,16 +246,19 @@ def _settle(
         spec.function = spec.future = None
     write_names(frame, names)
     interleaver = outcome.interleaver
+    fallback = (frame.f_code.co_filename, frame.f_lineno)
+    cuts = [m.cut for m in mediators if m.ended and m.cut is not None]
     for mediator in mediators:
         if not mediator.ended:
             continue  # abandoned after Ctrl-C: it clears its own state as it ends
-        for key, where in mediator.watch.found:
+        for key, where, since in mediator.watch.found:
             assert interleaver is not None
-            fallback = (frame.f_code.co_filename, frame.f_lineno)  # the body had ended
-            warn(interleaver.describe(key), where or fallback, frame)
+            warn(interleaver.describe(key), where, since, frame)  # no `where`: it had ended
         mediator.watch.clear()
         mediator.ops = []
-        mediator.final_locals = mediator.result = mediator.error = None
+        mediator.final_locals = mediator.result = mediator.error = mediator.cut = None
     outcome.mediators = []
     outcome.interleaver = None
+    for message, where in cuts:
+        warn_stopped(message, where or fallback, frame)
     return False

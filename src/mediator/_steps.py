@@ -3,7 +3,7 @@
 While a loop body runs, the mediator's `step` is the loop's step, so every request targets that
 call of its module; when the loop ends, for any reason, it is 0 again. An open loop (`[a:]`)
 waits for each next step (a STEP request) and ends when the traced call returns. The only state
-is the mediator's `step`.
+is the mediator's `step`, and its `loop_ended` once an open loop ended.
 """
 
 from __future__ import annotations
@@ -76,6 +76,7 @@ def _open_loop(mediator: Mediator, start: int, stride: int) -> Iterator[int]:
                 try:
                     mediator.wait_for_step(step)
                 except LoopEnd:
+                    mediator.loop_ended = True  # for the error of a request after the loop
                     return
             mediator.step = step
             yield step

@@ -364,9 +364,10 @@ class Tracer:
         """End the forward pass right after the current point; the trace exits normally.
 
         It acts like `return` in the body that calls it: the code after it does not run. The
-        rest of the model does not run either, and every name bound so far is kept. Bodies still
-        waiting for a value are ended quietly. `tr.result` is `None` after a stopped call. Only
-        inside an invoke body.
+        rest of the model does not run either, and every name bound so far is kept. Other
+        bodies are served at the current point first; one still waiting for something later
+        then ends at that request, with a `StoppedWarning`. `tr.result` is `None` after a
+        stopped call. Only inside an invoke body.
 
         Example:
 

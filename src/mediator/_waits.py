@@ -2,9 +2,10 @@
 
 `Waits` is the part of the `Interleaver` (its base class) that serves NAME, BARRIER, STEP and
 RESULT requests and, once the traced call returned, ends every request still open
-(`finish`), with errors that say why a value never came. It reads and writes the interleaver's
-state (the mediators' requests, the barriers, the counts of name and step waits) only while the
-calling thread holds the baton; the protocol is described in `_interleaver.py`.
+(`finish`), with errors that say why a value never came; after `tr.stop()` it notes which
+request each body still waiting was cut short at (`note_cuts`). It reads and writes the
+interleaver's state (the mediators' requests, the barriers, the counts of name and step waits)
+only while the calling thread holds the baton; the protocol is described in `_interleaver.py`.
 """
 
 from __future__ import annotations
@@ -91,6 +92,31 @@ class Waits:
             self._resume(mediator, Signal(self._unserved(mediator)))
             self._settle()
 
+    def note_cuts(self, stopper: int) -> None:
+        """`tr.stop()` in invoke `stopper` ended the forward: note in each body still blocked
+        (about to be cancelled) the message of its `StoppedWarning`, and the line to report."""
+        for mediator in self.mediators:
+            waiting = mediator.waiting
+            if mediator.state is not _BLOCKED or waiting is None:
+                continue
+            if waiting.kind == VALUE:
+                what = self.describe(waiting.target)
+            elif waiting.kind == STEP:
+                what = f"step {waiting.target} of its open tr.iter loop"
+            elif waiting.kind == NAME:
+                what = f"the name {waiting.target!r} (bound by another invoke)"
+            elif waiting.kind == BARRIER:
+                what = f"tr.barrier({waiting.target.parties})"
+            else:
+                what = "tr.result"
+            message = (
+                f"{mediator.label()} was cut short at {what}: tr.stop() in invoke {stopper} "
+                "ended the forward pass first, so the rest of that body did not run and the "
+                "names it would have bound from there on keep their earlier values. If that "
+                "body needs what comes later, call tr.stop() after it"
+            )
+            mediator.cut = (message, mediator.blocked_line())
+
     def result_for(self, mediator: Mediator) -> Any:
         """The traced call's return value, narrowed to `mediator`'s rows."""
         if self.result is MISSING:
@@ -155,22 +181,24 @@ class Waits:
                 waiting = mediator.waiting
                 if waiting is None or waiting.kind != NAME:
                     continue
-                found, value = self.lookup(mediator, waiting.target)
-                if not found and self._may_bind(mediator, waiting.target):
+                provider, value = self.lookup(mediator, waiting.target)
+                if provider is None and self._may_bind(mediator, waiting.target):
                     continue
                 self._withdraw(mediator)
+                found = provider is not None
                 self._resume(mediator, value if found else Signal(self._unbound(waiting.target)))
                 again = progressed = True
         return progressed
 
-    def lookup(self, asker: Mediator, name: str) -> tuple[bool, Any]:
-        """The binding of `name` by another body of the trace, if one has bound it."""
+    def lookup(self, asker: Mediator, name: str) -> tuple[Mediator | None, Any]:
+        """The body of the trace other than `asker` that has bound `name`, and its binding;
+        (None, None) if none has."""
         for mediator in self.mediators:
             if mediator is not asker:
                 found, value = mediator.binding(name)
                 if found:
-                    return True, value
-        return False, None
+                    return mediator, value
+        return None, None
 
     def _may_bind(self, asker: Mediator, name: str) -> bool:
         return any(m is not asker and not m.ended and name in m.assigns for m in self.mediators)
