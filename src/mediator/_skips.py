@@ -4,14 +4,34 @@ When some rows skip, the module runs and each skipping invoke's rows are replace
 row skips, the module does not run at all; its output is then the skip values joined by the
 Batcher, and each value is first checked against its rows of the output the module would have
 given: a copy of the module runs its forward on fake tensors (shapes, dtypes and devices, no data
-or compute), so neither the module, its inputs nor the user's hooks see that run. This module
-owns no state.
+or compute), so neither the module, its inputs nor the user's hooks see that run.
+
+This module owns one cache, `_SPECS`: what that fake run returned (its structure and each
+tensor's shape, dtype and device, no tensor; or that it failed), under what determines it: the
+module (by id, and a weak reference that must still lead to it, so a new module at a freed
+one's address misses), its forward (the same way), its submodules' types and training flags,
+the names, shapes, strides, dtypes and devices of its parameters and buffers (a module the user
+changed runs again), the inputs (tensors by the same, constants such as None, numbers and
+strings by value; a call given any other object is not cached), and the default dtype and
+device; calls under autocast are not cached. It keeps the 256 entries used last. `_SPECS_LOCK`
+guards it; after `os.fork` the child gets a new one. A check against an entry compares each skip
+value with stand-ins built from it on the real devices (one element of storage each), so the
+Batcher's own `narrow` and `check_replacement` compare, with the messages of a check without it.
+
+The fake run makes the fakes of plain parameters, buffers and inputs from their shapes, strides
+and dtypes instead of converting the tensors (a conversion leaves reference cycles in PyTorch).
+FakeTensorMode itself still leaves some for an operator it meets with new shapes (its dispatch
+cache then misses), so a fake run of new shapes feeds the cycle collector, once per entry.
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
+import os
+import threading
+import weakref
+from collections import OrderedDict
+from collections.abc import Callable, Hashable
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -21,12 +41,38 @@ from ._errors import ShapeError
 from ._interrupts import model_call_site
 from ._protocol import OUTPUT, Key
 from ._tap import strip
+from ._tree import flatten, tensors
 
 if TYPE_CHECKING:
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
     from ._interleaver import Interleaver
     from ._mediator import Mediator
 
 MISSING: Any = object()
+_NONE: Any = object()  # no spec: none cached, or an output that `_spec_of` cannot describe
+
+#: Values that inputs and outputs may hold besides tensors and still be cached: constants,
+#: compared (inputs) and kept (outputs) by value.
+_CONSTANTS = (
+    type(None),
+    bool,
+    int,
+    float,
+    complex,
+    str,
+    bytes,
+    torch.dtype,
+    torch.device,
+    torch.layout,
+    torch.memory_format,
+)
+#: The tensors the fake run makes fakes of by a factory (others are converted).
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+_SPECS_SIZE = 256
+#: key -> (the module and its forward, weakly; the spec, or MISSING where the fake run failed)
+_SPECS: OrderedDict[Hashable, tuple[weakref.ref[Any], weakref.ref[Any], Any]] = OrderedDict()
+_SPECS_LOCK = threading.Lock()
 
 
 @model_call_site
@@ -64,23 +110,185 @@ def run_skipped(
 
 
 def _expected_output(original: Callable[..., Any], args: Any, kwargs: Any) -> Any:
-    """What the module would return for the whole batch: its forward run by a copy of it on
-    fake tensors (shapes, dtypes and devices, no data or compute), so that neither the
-    module, its inputs nor the user's hooks see the run; `MISSING` where that fails."""
+    """What the module would return for the whole batch, with the shapes, dtypes and devices
+    of its output (stand-ins built from `_SPECS`, or the fake run's own output where that
+    cannot be cached); `MISSING` where the fake run fails."""
     module = getattr(original, "__self__", None)
+    forward = getattr(original, "__func__", None)
     if not isinstance(module, torch.nn.Module):
         return MISSING
+    key = None if forward is None else _key(module, forward, args, kwargs)
+    spec = _NONE if key is None else _cached(key, module, forward)
+    if spec is _NONE:
+        output = _fake_forward(module, args, kwargs)
+        spec = _spec_of(output)
+        if spec is _NONE:
+            return output
+        if key is not None:
+            _remember(key, module, forward, spec)
+    return _stand_in(spec)
+
+
+class _Unkeyable(Exception):
+    """A value that the key of `_SPECS` cannot hold (its effect on the output is unknown)."""
+
+
+def _key(module: torch.nn.Module, forward: Any, args: Any, kwargs: Any) -> Hashable | None:
+    """The key of `_SPECS` for this call; None where the call cannot be cached."""
+    if torch._C._is_any_autocast_enabled():
+        return None
+    state: list[Hashable] = []
+    try:
+        for sub in module.modules():
+            state.append((type(sub), sub.training))
+            for name, tensor in (*sub._parameters.items(), *sub._buffers.items()):
+                state.append((name, None if tensor is None else _tensor_key(tensor)))
+        inputs = _signature(args), _signature(kwargs)
+    except _Unkeyable:
+        return None
+    return (
+        id(module),
+        id(forward),
+        torch.get_default_dtype(),
+        torch.get_default_device(),
+        tuple(state),
+        inputs,
+    )
+
+
+def _tensor_key(tensor: torch.Tensor) -> Hashable:
+    if tensor.layout is not torch.strided:
+        raise _Unkeyable
+    return type(tensor), tensor.shape, tensor.stride(), tensor.dtype, tensor.device
+
+
+def _signature(value: Any) -> Hashable:
+    """The part of the key for one input: tensors by `_tensor_key`, constants by value."""
+    kind = type(value)
+    if isinstance(value, torch.Tensor):
+        return _tensor_key(value)
+    if kind in _CONSTANTS:
+        return kind, value
+    if isinstance(value, (tuple, list)):
+        return kind, *(_signature(item) for item in value)
+    if isinstance(value, dict):
+        return kind, *((_signature(name), _signature(item)) for name, item in value.items())
+    raise _Unkeyable
+
+
+def _cached(key: Hashable, module: torch.nn.Module, forward: Any) -> Any:
+    """The spec cached under `key` for this very module and forward; `_NONE` if none."""
+    with _SPECS_LOCK:
+        entry = _SPECS.get(key)
+        if entry is None or entry[0]() is not module or entry[1]() is not forward:
+            return _NONE
+        _SPECS.move_to_end(key)
+        return entry[2]
+
+
+def _remember(key: Hashable, module: torch.nn.Module, forward: Any, spec: Any) -> None:
+    try:
+        entry = weakref.ref(module), weakref.ref(forward), spec
+    except TypeError:  # a forward that takes no weak reference: not cached
+        return
+    with _SPECS_LOCK:
+        _SPECS[key] = entry
+        _SPECS.move_to_end(key)
+        if len(_SPECS) > _SPECS_SIZE:
+            _SPECS.popitem(last=False)
+
+
+class _TensorSpec:
+    """The shape, dtype and device of one tensor of an output (a leaf to `flatten`)."""
+
+    __slots__ = ("shape", "dtype", "device")
+
+    def __init__(self, tensor: torch.Tensor) -> None:
+        self.shape, self.dtype, self.device = tensor.shape, tensor.dtype, tensor.device
+
+    def stand_in(self) -> torch.Tensor:
+        """A tensor of this shape, dtype and device whose elements all share one of storage."""
+        strides = (0,) * len(self.shape)
+        return torch.empty_strided(self.shape, strides, dtype=self.dtype, device=self.device)
+
+
+def _spec_of(output: Any) -> Any:
+    """`output` with each tensor replaced by its `_TensorSpec`; MISSING stays MISSING, and
+    `_NONE` where it holds a leaf that is neither a tensor nor a constant."""
+    if output is MISSING:
+        return MISSING
+    if isinstance(output, torch.Tensor):
+        return _TensorSpec(output)
+    leaves, rebuild = flatten(output)
+    specs = []
+    for leaf in leaves:
+        if isinstance(leaf, torch.Tensor):
+            specs.append(_TensorSpec(leaf))
+        elif type(leaf) in _CONSTANTS:
+            specs.append(leaf)
+        else:
+            return _NONE
+    return rebuild(specs)
+
+
+def _stand_in(spec: Any) -> Any:
+    """A value of the structure, shapes, dtypes and devices that `spec` records."""
+    if spec is MISSING:
+        return MISSING
+    if isinstance(spec, _TensorSpec):
+        return spec.stand_in()
+    leaves, rebuild = flatten(spec)
+    return rebuild([leaf.stand_in() if isinstance(leaf, _TensorSpec) else leaf for leaf in leaves])
+
+
+def _fake_forward(module: torch.nn.Module, args: Any, kwargs: Any) -> Any:
+    """The output of the module's forward run by a copy of it on fake tensors (shapes, dtypes
+    and devices, no data or compute), so that neither the module, its inputs nor the user's
+    hooks see the run; `MISSING` where that fails."""
     from torch._subclasses.fake_tensor import FakeCopyMode, FakeTensorMode  # only here
 
     mode = FakeTensorMode()
     try:
-        with FakeCopyMode(mode):
-            fake, fake_args, fake_kwargs = copy.deepcopy((module, args, kwargs))
+        memo = _fakes(mode, module, (args, kwargs))
+        with FakeCopyMode(mode):  # any tensor `_fakes` left out: a subclass, an attribute
+            fake, fake_args, fake_kwargs = copy.deepcopy((module, args, kwargs), memo)
         strip(fake)
         with mode:
             return fake.forward(*fake_args, **fake_kwargs)
     except Exception:  # noqa: BLE001 - not copyable, or not runnable on fake tensors
         return MISSING
+
+
+def _fakes(mode: FakeTensorMode, module: torch.nn.Module, inputs: Any) -> dict[int, Any]:
+    """A `copy.deepcopy` memo that maps the module's parameters and buffers and the tensors of
+    `inputs` (plain strided ones) to fake tensors of `mode` with their shapes, strides, dtypes
+    and devices, made by a factory: `mode.from_tensor` would leave reference cycles."""
+    memo: dict[int, Any] = {}
+    for sub in module.modules():
+        for tensor in (*sub._parameters.values(), *sub._buffers.values()):
+            _fake_into(memo, mode, tensor)
+    for tensor in tensors(inputs):
+        _fake_into(memo, mode, tensor)
+    return memo
+
+
+def _fake_into(memo: dict[int, Any], mode: FakeTensorMode, tensor: torch.Tensor | None) -> None:
+    kind = type(tensor)
+    if tensor is None or kind not in _PLAIN or tensor.layout is not torch.strided:
+        return
+    if id(tensor) not in memo:
+        parameter = kind is torch.nn.Parameter
+        with mode, torch.enable_grad():
+            fake = torch.empty_strided(
+                tensor.shape,
+                tensor.stride(),
+                dtype=tensor.dtype,
+                device=tensor.device,
+                requires_grad=tensor.requires_grad and not parameter,
+            )
+            if not tensor.is_leaf:  # computed with grad: so is its fake (in-place ops differ)
+                fake = fake.clone()
+        memo[id(tensor)] = torch.nn.Parameter(fake, tensor.requires_grad) if parameter else fake
 
 
 def _join(
@@ -104,3 +312,11 @@ def _join(
 
 def _constant(value: Any) -> Callable[[Any], Any]:
     return lambda old: value
+
+
+def _new_lock_after_fork() -> None:
+    global _SPECS_LOCK
+    _SPECS_LOCK = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_new_lock_after_fork)
