@@ -69,7 +69,6 @@ class Mediator:
         torch_state: TorchState,
         assigns: frozenset[str] = frozenset(),
         fallbacks: dict[str, Any] | None = None,
-        initial: dict[str, Any] | None = None,
         code: types.CodeType | None = None,
     ) -> None:
         self.tracer = tracer
@@ -80,7 +79,6 @@ class Mediator:
         self.torch_state = torch_state
         self.assigns = assigns  # names a with-body binds (for names other bodies wait on)
         self.fallbacks = fallbacks or {}
-        self.initial = initial or {}  # values the body's names had before it ran
         self.code = code  # a with-body's code, to find its frame
         self.state = MediatorState.CREATED
         self.cancel_requested = False  # set by the canceller: the next request raises
@@ -260,20 +258,27 @@ class Mediator:
         raise BodyStopped
 
     def lookup_name(self, name: str) -> Any:
-        """A name this with-body reads and another body binds: wait until one has bound it."""
+        """A name this with-body reads (and has not bound itself) that an earlier body binds:
+        the nearest earlier binding, waited for if need be; else the value from before the
+        trace, else the builtin."""
         interleaver = self._live()
         found, value = interleaver.lookup(self, name)
         if found:
             return value
-        try:
+        unbound: NameError | None = None
+        if interleaver.may_bind(self, name):
             interleaver.name_waits += 1
-            return self._block(Request(NAME, name))
-        except NameError:
-            if name in self.fallbacks:
-                return self.fallbacks[name]
-            if hasattr(builtins, name):
-                return getattr(builtins, name)
-            raise
+            try:
+                return self._block(Request(NAME, name))
+            except NameError as error:
+                unbound = error
+        if name in self.fallbacks:
+            return self.fallbacks[name]
+        if hasattr(builtins, name):
+            return getattr(builtins, name)
+        if unbound is not None:
+            raise unbound
+        raise NameError(f"name {name!r} is not defined: no earlier invoke of this trace bound it")
 
     def keep_locals(self, scope: dict[str, Any]) -> None:
         """Called by a with-body as it ends: the names it bound, to write back and share."""
@@ -290,11 +295,8 @@ class Mediator:
             if frame is None:
                 return False, None
             scope = frame.f_locals
-        if name in scope:
-            value = scope[name]
-            if name in self.initial and value is self.initial[name]:
-                return False, None  # still the value from before the trace: not bound yet
-            return True, value
+        if name in scope:  # a shared name is no parameter: in its frame only once it bound it
+            return True, scope[name]
         return False, None
 
     def _body_frame(self) -> Any:

@@ -156,7 +156,7 @@ class Waits:
                 if waiting is None or waiting.kind != NAME:
                     continue
                 found, value = self.lookup(mediator, waiting.target)
-                if not found and self._may_bind(mediator, waiting.target):
+                if not found and self.may_bind(mediator, waiting.target):
                     continue
                 self._withdraw(mediator)
                 self._resume(mediator, value if found else Signal(self._unbound(waiting.target)))
@@ -164,21 +164,24 @@ class Waits:
         return progressed
 
     def lookup(self, asker: Mediator, name: str) -> tuple[bool, Any]:
-        """The binding of `name` by another body of the trace, if one has bound it."""
-        for mediator in self.mediators:
-            if mediator is not asker:
+        """The binding of `name` by the nearest earlier body that binds it: one that assigns
+        it and has not bound it yet is waited for, one that ended without binding it is passed
+        over. Later bodies never answer."""
+        for mediator in reversed(self.mediators[: asker.index]):
+            if name in mediator.assigns:
                 found, value = mediator.binding(name)
-                if found:
-                    return True, value
+                if found or not mediator.ended:
+                    return found, value
         return False, None
 
-    def _may_bind(self, asker: Mediator, name: str) -> bool:
-        return any(m is not asker and not m.ended and name in m.assigns for m in self.mediators)
+    def may_bind(self, asker: Mediator, name: str) -> bool:
+        earlier = self.mediators[: asker.index]
+        return any(not m.ended and name in m.assigns for m in earlier)
 
     @staticmethod
     def _unbound(name: str) -> NameError:
         return NameError(
-            f"name {name!r} is not defined: no other invoke of this trace bound it "
+            f"name {name!r} is not defined: no earlier invoke of this trace bound it "
             "before the forward pass ended"
         )
 
