@@ -13,6 +13,8 @@ tolerance: a different batch size may change the last bits of a matmul).
 
 from __future__ import annotations
 
+import runpy
+
 import pytest
 import torch
 
@@ -298,3 +300,43 @@ def test_function_invoke_reading_a_with_body_name_says_why(model):
     assert "argument" in str(info.value)
     assert future.exception() is info.value
     assert info.value.name == "h"
+
+
+MODULE_SCRIPT = """
+import torch
+from torch import nn
+
+import mediator
+
+torch.manual_seed(0)
+net = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4))
+model = mediator.Model(net)
+clean, corrupt = torch.randn(2, 4), torch.randn(2, 4)
+h = torch.full((2, 4), 100.0)  # stale
+
+with model.trace() as tr:
+    with tr.invoke(clean):
+        h = model[0].output
+    with tr.invoke(corrupt):
+        model[0].output[:, 1] = h[:, 1]
+        h = model[2].output
+        patched = model.output
+batched = (h, patched)
+
+h = torch.full((2, 4), 100.0)
+with model.trace(clean):
+    h = model[0].output
+with model.trace(corrupt):
+    model[0].output[:, 1] = h[:, 1]
+    h = model[2].output
+    patched = model.output
+solo = (h, patched)
+"""
+
+
+def test_names_across_invokes_at_module_level(tmp_path):
+    script = tmp_path / "module_level_names.py"
+    script.write_text(MODULE_SCRIPT)
+    names = runpy.run_path(str(script))
+    for got, want in zip(names["batched"], names["solo"], strict=True):
+        assert close(got, want)
