@@ -31,8 +31,9 @@ _PROGRAM = textwrap.dedent(
     class Run:
         """Runs the with-body as a compiled function, the way a trace does, then skips it."""
 
-        def __init__(self, shared=frozenset()):
+        def __init__(self, shared=frozenset(), mine=frozenset()):
             self.shared = shared
+            self.mine = mine  # names the body binds that another body binds too
 
         def __enter__(self):
             frame = sys._getframe(1)
@@ -43,7 +44,8 @@ _PROGRAM = textwrap.dedent(
             cross = frozenset((body.loads - body.assigns) & self.shared)
             kept = []
             function, args = body_.make_body(
-                body, scope, cross, frame.f_globals, kept.append, lambda name: ("shared", name))
+                body, scope, cross, frame.f_globals, kept.append, lambda name: ("shared", name),
+                self.mine)
             function(*args)
             frames.write_names(frame, {n: kept[0][n] for n in body.assigns if n in kept[0]})
             if body.as_name:  # the skip lands where Python would bind it: bind it here
@@ -85,6 +87,27 @@ _PROGRAM = textwrap.dedent(
         return seen
 
     assert shared_name() == ("shared", "other")
+
+    def own_name_later(h):
+        with Run(mine=frozenset({"h"})):
+            first = h  # not bound by the body yet: through the lookup, in every scope
+            firsts = [h for _ in range(1)]
+            early = lambda: h
+            before = early()
+            def nested():
+                return h
+            class Early:
+                seen = h
+            h = 1
+            h += 1  # then its own binding, in every scope
+            after = [h for _ in range(1)]
+            class Late:
+                seen = h
+        seen = ("shared", "h")
+        return first, firsts, before, Early.seen, h, after, early(), nested(), Late.seen, seen
+
+    *got, seen = own_name_later(0)
+    assert got == [seen, [seen], seen, seen, 2, [2], 2, 2, 2], got
 
     def one_line(v):
         with Run(): w = v * 2

@@ -4,11 +4,16 @@
 globals, and the arguments to call it with. `compile_body` compiles the body inside a copy of
 its context (the enclosing class, for name mangling and the `__class__` cell of `super()`; the
 enclosing function's `global` declarations and future flags), whose parameters are the
-enclosing names it uses, whose loads of names bound by *other* bodies of the trace go through a
-lookup that waits for them, and which hands its final locals back as it ends. Compiled code
-keeps the user's file name, line numbers and qualified names, so tracebacks point at the user's
-own lines. This module owns one cache, `_compiled`: the code per body, parameters and
-cross-body names, emptied when it grows past 4096 entries.
+enclosing names it uses, whose loads of names bound by earlier bodies of the trace go through a
+lookup that waits for them, and which hands its final locals back as it ends. A name the body
+binds that another body binds, or a later one reads (`shared`), is never a parameter: its frame
+says whether the body has bound it yet; until it has, a load of it (`mixed`: shared and read)
+goes through the lookup as well: `(name if __mediator_bound__("name") else
+__mediator_name__("name"))`, in nested scopes too, and `name += v` becomes
+`name = operator.iadd(<that load>, v)`. Compiled code keeps the user's file name, line numbers
+and qualified names, so tracebacks point at the user's own lines. This module owns one cache,
+`_compiled`: the code per body, parameters and cross-body and mixed names, emptied when it grows
+past 4096 entries.
 """
 
 from __future__ import annotations
@@ -16,6 +21,8 @@ from __future__ import annotations
 import ast
 import builtins
 import copy
+import operator
+import sys
 import types
 from collections.abc import Callable
 from typing import Any
@@ -25,33 +32,78 @@ from ._source import CLASS_CELL, BodySource, assigned_names
 #: Names the compiled body reaches through its closure: the mediator's hooks.
 _KEEP, _LOOKUP, _LOCALS = "__mediator_keep__", "__mediator_name__", "__mediator_locals__"
 _SCOPE, _BODY = "__mediator_scope__", "__mediator_body__"
+_BOUND, _INPLACE = "__mediator_bound__", "__mediator_inplace__"
+_HOOKS = (_KEEP, _LOOKUP, _LOCALS, _BOUND, _INPLACE)
 
-_compiled: dict[tuple[BodySource, tuple[str, ...], frozenset[str]], types.CodeType] = {}
+_Key = tuple[BodySource, tuple[str, ...], frozenset[str], frozenset[str]]
+_compiled: dict[_Key, types.CodeType] = {}
+
+#: The `operator` function of each augmented assignment (`h += v` is `h = iadd(h, v)`).
+_INPLACE_OPS = {
+    ast.Add: "iadd",
+    ast.Sub: "isub",
+    ast.Mult: "imul",
+    ast.MatMult: "imatmul",
+    ast.Div: "itruediv",
+    ast.FloorDiv: "ifloordiv",
+    ast.Mod: "imod",
+    ast.Pow: "ipow",
+    ast.LShift: "ilshift",
+    ast.RShift: "irshift",
+    ast.BitOr: "ior",
+    ast.BitXor: "ixor",
+    ast.BitAnd: "iand",
+}
 
 
 class _CrossLoads(ast.NodeTransformer):
-    """Rewrites loads of names bound by other bodies into `__mediator_name__("name")`,
-    except where a nested scope binds the name itself."""
+    """Rewrites loads of `cross` names (bound by earlier bodies, not by this one) into
+    `__mediator_name__("name")`, and loads of `mixed` names (bound by this body and another)
+    into `(name if __mediator_bound__("name") else __mediator_name__("name"))`, except where a
+    nested scope binds the name itself."""
 
-    def __init__(self, names: frozenset[str], mangle: Callable[[str], str]) -> None:
-        self.names = names
+    def __init__(
+        self, cross: frozenset[str], mixed: frozenset[str], mangle: Callable[[str], str]
+    ) -> None:
+        self.cross = cross
+        self.mixed = mixed
         self.mangle = mangle
         self.shadowed: list[set[str]] = []
+
+    def _visible(self, node: ast.Name) -> bool:
+        return not any(node.id in scope for scope in self.shadowed)
+
+    def _load(self, node: ast.Name) -> ast.expr:
+        name = self.mangle(node.id)
+        lookup = _call(_LOOKUP, ast.Constant(name))
+        if name in self.cross:
+            return ast.copy_location(lookup, node)
+        own = ast.Name(id=node.id, ctx=ast.Load())
+        load = ast.IfExp(test=_call(_BOUND, ast.Constant(name)), body=own, orelse=lookup)
+        return ast.copy_location(load, node)
 
     def visit_Name(self, node: ast.Name) -> ast.AST:
         name = self.mangle(node.id)
         if (
             isinstance(node.ctx, ast.Load)
-            and name in self.names
-            and not any(node.id in scope for scope in self.shadowed)
+            and (name in self.cross or name in self.mixed)
+            and self._visible(node)
         ):
-            call = ast.Call(
-                func=ast.Name(id=_LOOKUP, ctx=ast.Load()),
-                args=[ast.Constant(name)],
-                keywords=[],
-            )
-            return ast.copy_location(call, node)
+            return self._load(node)
         return node
+
+    def visit_AugAssign(self, node: ast.AugAssign) -> ast.AST:
+        target = node.target
+        if not (
+            isinstance(target, ast.Name)
+            and self.mangle(target.id) in self.mixed
+            and self._visible(target)
+        ):
+            return self.generic_visit(node)
+        op = ast.Constant(_INPLACE_OPS[type(node.op)])
+        value = _call(_INPLACE, op, self._load(target), self.visit(node.value))
+        store = ast.Name(id=target.id, ctx=ast.Store())
+        return ast.copy_location(ast.Assign(targets=[store], value=value), node)
 
     def _scoped(self, node: ast.AST, bound: set[str]) -> ast.AST:
         self.shadowed.append(bound)
@@ -95,6 +147,15 @@ class _Undeclared(ast.NodeTransformer):
     visit_FunctionDef = visit_AsyncFunctionDef = visit_Lambda = visit_ClassDef = _keep
 
 
+def _call(hook: str, *args: ast.expr) -> ast.Call:
+    return ast.Call(func=ast.Name(id=hook, ctx=ast.Load()), args=list(args), keywords=[])
+
+
+def _inplace(op: str, target: Any, value: Any) -> Any:
+    """`target op= value`, as the augmented assignment would compute it."""
+    return getattr(operator, op)(target, value)
+
+
 def _argument_names(arguments: ast.arguments) -> set[str]:
     every = arguments.posonlyargs + arguments.args + arguments.kwonlyargs
     names = {arg.arg for arg in every}
@@ -105,11 +166,11 @@ def _argument_names(arguments: ast.arguments) -> set[str]:
 
 
 def _parameters(
-    source: BodySource, scope: dict[str, Any], cross: frozenset[str]
+    source: BodySource, scope: dict[str, Any], hidden: frozenset[str]
 ) -> tuple[str, ...]:
-    """The body function's parameters: the enclosing names it gets, the enclosing function's
-    first parameter first (zero-argument `super()` reads it there)."""
-    names = sorted(name for name in scope if name not in cross and name != CLASS_CELL)
+    """The body function's parameters: the enclosing names it gets (not the `hidden` ones),
+    the enclosing function's first parameter first (zero-argument `super()` reads it there)."""
+    names = sorted(name for name in scope if name not in hidden and name != CLASS_CELL)
     first = source.first_arg
     if first is not None and first in names:
         names.remove(first)
@@ -124,18 +185,32 @@ def make_body(
     globals_: dict[str, Any],
     keep: Callable[[dict[str, Any]], None],
     lookup: Callable[[str], Any],
+    shared: frozenset[str] = frozenset(),
 ) -> tuple[types.FunctionType, tuple[Any, ...]]:
     """The body as a function of the caller's globals, and the arguments to call it with.
 
-    `cross` names are read through `lookup(...)`; as the body ends, for any reason, it calls
-    `keep(locals())`.
+    `cross` names are read through `lookup(...)`; `shared` names (those the body binds that
+    another body binds too) are no parameters, and are read through `lookup(...)` until the
+    body has bound them; as the body ends, for any reason, it calls `keep(locals())`.
     """
-    params = _parameters(source, scope, cross)
-    code = compile_body(source, params, cross)
+    params = _parameters(source, scope, cross | shared)
+    mixed = shared & source.loads
+    code = compile_body(source, params, cross, mixed)
+
+    def bound(name: str) -> bool:
+        """Whether the body running on this thread has bound `name` (outside the body, a
+        closure it made reads its own cell)."""
+        frame: types.FrameType | None = sys._getframe(1)
+        while frame is not None and frame.f_code is not code:
+            frame = frame.f_back
+        return frame is None or name in frame.f_locals
+
     cells = {
         _KEEP: keep,
         _LOOKUP: lookup,
         _LOCALS: builtins.locals,
+        _BOUND: bound,
+        _INPLACE: _inplace,
         CLASS_CELL: scope.get(CLASS_CELL),
     }
     closure = tuple(types.CellType(cells[name]) for name in code.co_freevars)
@@ -144,16 +219,20 @@ def make_body(
 
 
 def compile_body(
-    source: BodySource, params: tuple[str, ...], cross: frozenset[str]
+    source: BodySource,
+    params: tuple[str, ...],
+    cross: frozenset[str],
+    mixed: frozenset[str],
 ) -> types.CodeType:
     """The code of a function `(*params)` running the body, with the hooks as free variables."""
-    key = (source, params, cross)
+    key = (source, params, cross, mixed)
     code = _compiled.get(key)
     if code is not None:
         return code
     statements = [_Undeclared().visit(copy.deepcopy(statement)) for statement in source.statements]
-    if cross:
-        statements = [_CrossLoads(cross, source.mangle).visit(s) for s in statements]
+    if cross or mixed:
+        loads = _CrossLoads(cross, mixed, source.mangle)
+        statements = [loads.visit(statement) for statement in statements]
     keep = ast.Expr(
         ast.Call(
             func=ast.Name(_KEEP, ast.Load()),
@@ -166,7 +245,7 @@ def compile_body(
         declared.append(ast.Global(sorted(source.declared_global)))
     body = ast.Try(body=statements, handlers=[], orelse=[], finalbody=[keep])
     function = _function(_BODY, params, [*declared, body])
-    scope = _function(_SCOPE, (_KEEP, _LOOKUP, _LOCALS), [function])
+    scope = _function(_SCOPE, _HOOKS, [function])
     outer: ast.stmt = scope
     if source.class_name is not None:
         outer = ast.ClassDef(

@@ -43,8 +43,9 @@ it has the baton back)
             copy of the module gives on fake tensors).
     BARRIER `mediator.waiting = Request(BARRIER, barrier)`: blocks until every participant
             arrived; the interleaver then resumes them in definition order.
-    NAME    `mediator.waiting = Request(NAME, name)`: a with-body reads a name another body
-            binds; blocks until some body has bound it.
+    NAME    `mediator.waiting = Request(NAME, name)`: a with-body reads a name it has not bound
+            itself that an earlier body binds; blocks until the nearest earlier body that may
+            still bind it has bound it or ended (`Waits.lookup`).
     STEP    `mediator.waiting = Request(STEP, k)`: an open `tr.iter[a:]` loop asks for step k;
             answered when any module starts a call numbered k or more (no request of step k can
             then be late), or with `LoopEnd` when the traced call returns first.

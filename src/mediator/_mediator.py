@@ -70,8 +70,8 @@ class Mediator:
         torch_state: TorchState,
         assigns: frozenset[str] = frozenset(),
         fallbacks: dict[str, Any] | None = None,
-        initial: dict[str, Any] | None = None,
         code: types.CodeType | None = None,
+        bound_elsewhere: frozenset[str] = frozenset(),
     ) -> None:
         self.tracer = tracer
         self.index = index
@@ -81,8 +81,8 @@ class Mediator:
         self.torch_state = torch_state
         self.assigns = assigns  # names a with-body binds (for names other bodies wait on)
         self.fallbacks = fallbacks or {}
-        self.initial = initial or {}  # values the body's names had before it ran
         self.code = code  # a with-body's code, to find its frame
+        self.bound_elsewhere = bound_elsewhere  # names the trace's with-bodies bind
         self.state = MediatorState.CREATED
         self.cancel_requested = False  # set by the canceller: the next request raises
         self.inbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
@@ -187,6 +187,8 @@ class Mediator:
         except BodyStopped:  # tr.stop(): the body ends there, as with return
             pass
         except BaseException as error:  # noqa: BLE001 - reported to the caller
+            if isinstance(error, NameError) and error.name in self.bound_elsewhere:
+                _explain_unbound(error)
             self.error = error.with_traceback(user_traceback(error.__traceback__))
         finally:
             self._leave_user_code()
@@ -267,23 +269,30 @@ class Mediator:
         raise BodyStopped
 
     def lookup_name(self, name: str) -> Any:
-        """A name this with-body reads and another body binds: wait until one has bound it."""
+        """A name this with-body reads (and has not bound itself) that an earlier body binds:
+        the nearest earlier binding, waited for if need be; else the value from before the
+        trace, else the builtin."""
         interleaver = self._live()
         provider, value = interleaver.lookup(self, name)
         if provider is not None:
             return value
-        try:
+        unbound: NameError | None = None
+        if interleaver.may_bind(self, name):
             interleaver.name_waits += 1
-            position = interleaver.position()
-            value = self._block(Request(NAME, name))
-            self.name_wait = (name, position)
-            return value
-        except NameError:
-            if name in self.fallbacks:
-                return self.fallbacks[name]
-            if hasattr(builtins, name):
-                return getattr(builtins, name)
-            raise
+            try:
+                position = interleaver.position()
+                value = self._block(Request(NAME, name))
+                self.name_wait = (name, position)
+                return value
+            except NameError as error:
+                unbound = error
+        if name in self.fallbacks:
+            return self.fallbacks[name]
+        if hasattr(builtins, name):
+            return getattr(builtins, name)
+        if unbound is not None:
+            raise unbound
+        raise NameError(f"name {name!r} is not defined: no earlier invoke of this trace bound it")
 
     def keep_locals(self, scope: dict[str, Any]) -> None:
         """Called by a with-body as it ends: the names it bound, to write back and share."""
@@ -300,11 +309,8 @@ class Mediator:
             if frame is None:
                 return False, None
             scope = frame.f_locals
-        if name in scope:
-            value = scope[name]
-            if name in self.initial and value is self.initial[name]:
-                return False, None  # still the value from before the trace: not bound yet
-            return True, value
+        if name in scope:  # a shared name is no parameter: in its frame only once it bound it
+            return True, scope[name]
         return False, None
 
     def label(self) -> str:
@@ -423,3 +429,15 @@ def _async_raise(thread: threading.Thread, error: type[BaseException]) -> None:
 def _checkpoint() -> None:
     """Does nothing, but entering it runs the interpreter's pending-event check, where an
     asynchronous `Cancelled` sent just before is raised."""
+
+
+def _explain_unbound(error: NameError) -> None:
+    """A function invoke read, as a global or closure variable, a name that a with-body of its
+    trace binds: say why it is not there yet."""
+    error.args = (
+        f"{error.args[0] if error.args else error}: a with-body of this trace binds "
+        f"{error.name!r}, but a with-body's names reach the caller's scope only when the trace "
+        "ends, so a function invoke cannot read them as globals or closure variables; pass the "
+        "value to it as an argument, or through an object both share (a dict the with-body "
+        "fills)",
+    )

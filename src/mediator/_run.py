@@ -62,6 +62,7 @@ class InvokeSpec:
     scope: dict[str, Any] = field(default_factory=dict)  # the enclosing names it uses
     function: tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]] | None = None
     future: Resolvable | None = None
+    starts_bound: frozenset[str] = frozenset()  # names it binds that it gets as parameters
 
 
 @dataclass(eq=False)
@@ -96,9 +97,8 @@ def run_trace(
             batched, rows, total = traced.batcher.batch([i.inputs for i in invokes], generate)
             args, kwargs = batched[0], _with_options(batched[1], options)
             state = TorchState.capture()
-            shared = frozenset().union(*(i.source.assigns for i in invokes if i.source))
             for index, spec in enumerate(invokes):
-                built = _build_mediator(owner, spec, index, rows[index], state, shared, globals_)
+                built = _build_mediator(owner, spec, index, rows[index], state, invokes, globals_)
                 outcome.mediators.append(built)
             interleaver = Interleaver(traced.paths, outcome.mediators, traced.batcher, total)
             outcome.interleaver = interleaver
@@ -155,17 +155,29 @@ def _build_mediator(
     index: int,
     rows: slice | None,
     state: TorchState,
-    shared: frozenset[str],
+    invokes: list[InvokeSpec],
     globals_: dict[str, Any],
 ) -> Mediator:
-    """The mediator of one invoke: its function, or its with-body compiled as a function."""
+    """The mediator of one invoke: its function, or its with-body compiled as a function.
+
+    A with-body reads a name it does not bind through the nearest earlier invoke that binds it
+    (`cross`). A name it binds that another body binds or a later one reads (`shared`) is no
+    parameter, so that its frame tells whether it has bound it yet; until it has, it reads the
+    name as a `cross` one. With no earlier binding, it reads the value from before the trace."""
+    others = [i.source for i in invokes if i.source is not None and i is not spec]
+    bound_by_others = frozenset().union(*(other.assigns for other in others))
     if spec.function is not None:
         fn, args, kwargs = spec.function
-        return Mediator(owner, index, partial(fn, *args, **kwargs), (), rows, state)
+        call = partial(fn, *args, **kwargs)
+        return Mediator(owner, index, call, (), rows, state, bound_elsewhere=bound_by_others)
     source = spec.source
     assert source is not None
     scope = spec.scope
-    cross = frozenset((source.loads - source.assigns - source.declared_global) & shared)
+    earlier = frozenset().union(*(i.source.assigns for i in invokes[:index] if i.source))
+    later = frozenset().union(*(i.source.loads for i in invokes[index + 1 :] if i.source))
+    cross = frozenset((source.loads - source.assigns - source.declared_global) & earlier)
+    shared = source.assigns & (bound_by_others | later)
+    spec.starts_bound = frozenset(name for name in source.assigns - shared if name in scope)
     mediator = Mediator(
         owner,
         index,
@@ -174,11 +186,10 @@ def _build_mediator(
         rows,
         state,
         assigns=source.assigns,
-        fallbacks={name: scope[name] for name in cross if name in scope},
-        initial={name: scope[name] for name in source.assigns if name in scope},
+        fallbacks={name: scope[name] for name in cross | shared if name in scope},
     )
     body, mediator.args = make_body(
-        source, scope, cross, globals_, mediator.keep_locals, mediator.lookup_name
+        source, scope, cross, globals_, mediator.keep_locals, mediator.lookup_name, shared
     )
     mediator.body, mediator.code = body, body.__code__
     return mediator
@@ -228,10 +239,11 @@ def _settle(
         ended = mediator if mediator is not None and mediator.ended else None
         if spec.source is not None and ended is not None and ended.final_locals is not None:
             final = ended.final_locals  # a name the body deleted is unbound in the caller too
+            deleted = {name for name, _ in spec.source.deletes}
             names.update(
                 (name, final.get(name, UNBOUND))
                 for name in spec.source.assigns
-                if name in final or name in spec.scope
+                if name in final or name in spec.starts_bound or name in deleted
             )
         if spec.future is not None:
             if ended is not None and ended.state is MediatorState.DONE and ended.error is None:

@@ -182,7 +182,7 @@ class Waits:
                 if waiting is None or waiting.kind != NAME:
                     continue
                 provider, value = self.lookup(mediator, waiting.target)
-                if provider is None and self._may_bind(mediator, waiting.target):
+                if provider is None and self.may_bind(mediator, waiting.target):
                     continue
                 self._withdraw(mediator)
                 found = provider is not None
@@ -191,22 +191,26 @@ class Waits:
         return progressed
 
     def lookup(self, asker: Mediator, name: str) -> tuple[Mediator | None, Any]:
-        """The body of the trace other than `asker` that has bound `name`, and its binding;
-        (None, None) if none has."""
-        for mediator in self.mediators:
-            if mediator is not asker:
+        """The nearest earlier body that has bound `name`, and its binding; (None, None) if
+        none can answer now: one that assigns it and has not bound it yet is waited for, one
+        that ended without binding it is passed over. Later bodies never answer."""
+        for mediator in reversed(self.mediators[: asker.index]):
+            if name in mediator.assigns:
                 found, value = mediator.binding(name)
                 if found:
                     return mediator, value
+                if not mediator.ended:
+                    return None, None
         return None, None
 
-    def _may_bind(self, asker: Mediator, name: str) -> bool:
-        return any(m is not asker and not m.ended and name in m.assigns for m in self.mediators)
+    def may_bind(self, asker: Mediator, name: str) -> bool:
+        earlier = self.mediators[: asker.index]
+        return any(not m.ended and name in m.assigns for m in earlier)
 
     @staticmethod
     def _unbound(name: str) -> NameError:
         return NameError(
-            f"name {name!r} is not defined: no other invoke of this trace bound it "
+            f"name {name!r} is not defined: no earlier invoke of this trace bound it "
             "before the forward pass ended"
         )
 
