@@ -10,7 +10,7 @@ benchmark venv only (torch first, so pip keeps the CPU build; see README.md):
 
 Each scenario runs plain PyTorch (hooks doing the same work), mediator and nnsight in
 alternating rounds in this one run; medians are reported. Before timing, the values each library
-read are checked against plain hooks, so the three do the same work. Goals (issue 5): mediator at
+read are checked against plain hooks, so the three do the same work. Goals: mediator at
 least 5x faster than nnsight 0.5.x in every scenario, and no slower than nnsight >= 0.8 in the
 whole-trace scenarios.
 """
@@ -331,7 +331,7 @@ def main() -> int:
         goal, limit = f"mediator no slower than nnsight {version}", 1.0
         timed = [(name, r) for name, r in timed if name in WHOLE_TRACE]
     else:
-        print(f"(no goal is set against nnsight {version}: issue 5 names 0.5.x and 0.8)")
+        print(f"(no goal is set against nnsight {version}: goals are set for 0.5.x and 0.8)")
         return 0
     for name, r in timed:
         ratio = r["nnsight"] / r["mediator"]

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import runpy
 import subprocess
 import sys
 import textwrap
+import time
 import traceback
 from pathlib import Path
 from typing import Any
@@ -448,3 +450,43 @@ def test_ipython_shows_the_cells_own_line_and_binds_names():
     assert "__mediator" not in error
     assert "Wall time" in timed, timed
     assert names == [True, True, True]
+
+
+def test_a_reloaded_module_runs_its_new_body(tmp_path, monkeypatch):
+    """Edit a module's file and `importlib.reload` it (the notebook workflow): its with-body runs
+    the new code, also when only a constant changed and `linecache` still holds the old text,
+    and when the edit moved the body to other lines (oracle: a plain function of the same
+    module, which Python reloads as it should)."""
+    import importlib
+
+    module_file = tmp_path / "reloaded_probe.py"
+    template = textwrap.dedent(
+        """
+        {padding}
+        def traced(model, x):
+            with model.trace(x):
+                out = model.layers[0].output * {factor}
+            return out
+
+
+        def plain(model, x):
+            return model.layers[0](x) * {factor}
+        """
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    net = MLP()
+    model = mediator.Model(net)
+    x = torch.randn(2, 8)
+    module_file.write_text(template.format(padding="", factor=1))
+    probe = importlib.import_module("reloaded_probe")
+    try:
+        torch.testing.assert_close(probe.traced(model, x), probe.plain(model, x))
+        for padding, factor in [("", 5), ("# moved\n# down", 7)]:
+            module_file.write_text(template.format(padding=padding, factor=factor))
+            os.utime(module_file, (time.time() + factor, time.time() + factor))  # a new mtime
+            probe = importlib.reload(probe)
+            expected = probe.plain(model, x)
+            torch.testing.assert_close(probe.traced(model, x), expected)
+            torch.testing.assert_close(expected, net.layers[0](x) * factor)
+    finally:
+        sys.modules.pop("reloaded_probe", None)

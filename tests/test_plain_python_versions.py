@@ -25,14 +25,13 @@ _DRIVER = textwrap.dedent(
 
     package = types.ModuleType("fake"); package.__path__ = [sys.argv[1]]
     sys.modules["fake"] = package
-    for name in ("_errors", "_protocol", "_frames", "_source", "_body"):
+    for name in ("_errors", "_protocol", "_frames", "_match", "_source", "_body"):
         spec = importlib.util.spec_from_file_location(f"fake.{name}", f"{sys.argv[1]}/{name}.py")
         module = importlib.util.module_from_spec(spec)
         sys.modules[f"fake.{name}"] = module
         spec.loader.exec_module(module)
     errors, protocol, frames, source_, body_ = (
-        sys.modules[f"fake.{n}"]
-        for n in ("_errors", "_protocol", "_frames", "_source", "_body")
+        sys.modules[f"fake.{n}"] for n in ("_errors", "_protocol", "_frames", "_source", "_body")
     )
 
 

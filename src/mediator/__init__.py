@@ -2,7 +2,7 @@
 
 Each intervention (an invoke body, or a plain function) runs in its own thread as a Mediator;
 the Interleaver meets those threads at module boundaries; the Batcher runs all invokes of a
-trace as one batched forward pass. See README.md for a tour and SPEC.md for the contract.
+trace as one batched forward pass. See the project's README for a tour.
 
 Example:
 

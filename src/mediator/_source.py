@@ -15,7 +15,6 @@ from __future__ import annotations
 import __future__
 
 import ast
-import dis
 import linecache
 import re
 import sys
@@ -25,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ._errors import SourceUnavailableError, UsageError
+from ._match import instructions, runs_as
 
 _FUTURE_FLAGS = 0
 for _name in __future__.all_feature_names:
@@ -170,6 +170,10 @@ def _sources(frame: types.FrameType) -> Iterator[list[str]]:
     lines = linecache.getlines(filename, frame.f_globals)
     if lines:
         yield lines
+        linecache.checkcache(filename)  # a module reloaded since: its file as it is now
+        fresh = linecache.getlines(filename, frame.f_globals)
+        if fresh and fresh != lines:
+            yield fresh
     if filename == "<string>":
         argv = getattr(sys, "orig_argv", [])
         if "-c" in argv[:-1]:  # `python -c "..."`: the command is the source
@@ -233,7 +237,7 @@ def _runs_as(node: ast.With, around: list[ast.AST], frame: types.FrameType) -> b
     last = _last_line(node)
     owner = _class_of(around)
     spelled = {_mangled(name, owner) for name in _spelled(node.body)}
-    return spelled <= _names_on_lines(frame.f_code, first, last)
+    return runs_as(node.body, spelled, frame.f_code, first, last)
 
 
 def _class_of(around: list[ast.AST]) -> str | None:
@@ -273,28 +277,6 @@ def _spelled(statements: list[ast.stmt]) -> set[str]:
             elif isinstance(child, list):
                 stack.extend(item for item in child if isinstance(item, ast.AST))
     return names
-
-
-def _names_on_lines(code: types.CodeType, first: int, last: int) -> set[str]:
-    """The names and attributes `code`'s instructions on lines `first..last` use."""
-    names: set[str] = set()
-    for instruction, line in _instructions(code):
-        if first <= line <= last:
-            value = instruction.argval  # 3.13 pairs names: LOAD_FAST_LOAD_FAST ("a", "b")
-            for name in value if isinstance(value, tuple) else (value,):
-                if isinstance(name, str):
-                    names.add(name)
-    return names
-
-
-def _instructions(code: types.CodeType) -> Iterator[tuple[dis.Instruction, int]]:
-    """Each instruction of `code` with its line (3.10 gives the line where one starts only)."""
-    line = code.co_firstlineno
-    for instruction in dis.get_instructions(code):
-        if instruction.starts_line is not None:
-            line = instruction.starts_line
-        positions = getattr(instruction, "positions", None)
-        yield instruction, positions.lineno if positions and positions.lineno else line
 
 
 def _analyse(
@@ -360,7 +342,7 @@ def _ours(node: ast.With, frame: types.FrameType) -> int:
     header = range(node.lineno, _header_end(node) + 1)
     entered = sum(
         1
-        for instruction, line in _instructions(frame.f_code)
+        for instruction, line in instructions(frame.f_code)
         if instruction.offset < frame.f_lasti and instruction.opname in _ENTERING and line in header
     )
     return min(entered, len(node.items) - 1)
