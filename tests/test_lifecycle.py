@@ -434,13 +434,14 @@ def test_stop_ends_its_body_like_return(model, net, x):
 
 
 def test_mediator_states_follow_the_transitions(monkeypatch, model, x):
-    """Every state change of every mediator of a trace is one the protocol allows, and each ends
-    in DONE (the transitions are asserted where they happen; this records them)."""
-    seen: list[tuple[int, MediatorState]] = []
+    """Every state change made through `enter_state` is one the protocol allows (it asserts
+    so), and each mediator of a trace goes CREATED -> STARTING -> RUNNING -> ... -> DONE (the
+    RUNNING <-> BLOCKED changes of each read are written out, with their own assertion)."""
+    seen: list[tuple[int, MediatorState, MediatorState]] = []
     real = _mediator.Mediator.enter_state
 
     def record(self: Any, new: MediatorState) -> None:
-        seen.append((self.index, new))
+        seen.append((self.index, self.state, new))
         real(self, new)
 
     monkeypatch.setattr(_mediator.Mediator, "enter_state", record)
@@ -450,9 +451,12 @@ def test_mediator_states_follow_the_transitions(monkeypatch, model, x):
         with tr.invoke(x[1:]):
             b = model.layers[2].output
     for index in (0, 1):
-        states = [state for i, state in seen if i == index]
-        assert states[0] is MediatorState.STARTING and states[-1] is MediatorState.DONE
-        assert MediatorState.BLOCKED in states
+        changes = [(old, new) for i, old, new in seen if i == index]
+        assert changes == [
+            (MediatorState.CREATED, MediatorState.STARTING),
+            (MediatorState.STARTING, MediatorState.RUNNING),
+            (MediatorState.RUNNING, MediatorState.DONE),
+        ]
 
 
 def test_the_sigint_handler_is_the_one_from_before(sigint_ready, model, x):

@@ -422,26 +422,26 @@ class Interleaver(Waits):
 
     def pass_baton(self, mediator: Mediator) -> None:
         """`mediator` blocked or ended (its thread): hand the baton to the next mediator of the
-        plan, or of an abandoned cancellation, or back to the model thread."""
-        with self.handoff_lock:
-            if self.abandoned:
+        plan, or back to the model thread; if the model thread has stopped waiting (an abandoned
+        cancellation), carry the cancellation on instead. The plan is advanced under
+        `handoff_lock`, so that no mediator starts once cancelling began; the plain handback
+        needs no lock: the model thread abandons only under the lock after finding its inbox
+        empty, so a put it missed is one made after `abandoned` was set, seen right after it."""
+        if self.plan and mediator.error is None and not self._needs_model_thread():
+            with self.handoff_lock:
+                if not self.cancelling:
+                    try:
+                        if self._advance():
+                            return
+                    except BaseException as error:  # noqa: BLE001 - the model thread raises it
+                        self.failure = self.failure or error
+                        self.plan = []
+        self.handoffs += 1
+        self.inbox.put(mediator)
+        if self.abandoned:
+            with self.handoff_lock:
                 if not self._cancel_next():
                     self.mediators = []  # the chain is done: nothing of the trace is left
-                return
-            if (
-                self.plan
-                and not self.cancelling
-                and mediator.error is None
-                and not self._needs_model_thread()
-            ):
-                try:
-                    if self._advance():
-                        return
-                except BaseException as error:  # noqa: BLE001 - the model thread raises it
-                    self.failure = self.failure or error
-                    self.plan = []
-            self.handoffs += 1
-            self.inbox.put(mediator)
 
     def _needs_model_thread(self) -> bool:
         return self.stopped_by is not None or bool(self.barriers) or self.name_waits > 0
