@@ -192,6 +192,13 @@ class Envoy:
                 "traces; use the Envoys of the model passed to this trace"
             )
         site = self._site
+        if site is None and type(self._module).__name__ == "OptimizedModule":
+            raise UsageError(
+                f"{self._label()} is a torch.compile() wrapper inside the traced model, whose "
+                "compiled graph cannot stop to hand values to a body. Compile the whole model "
+                f"instead (mediator.Model(torch.compile(net))), or compile the submodule in "
+                "place (submodule.compile()), which traces run eagerly"
+            )
         if site is None:
             raise UsageError(
                 f"{self._label()} is a {type(self._module).__name__} that the model never calls "
@@ -210,8 +217,11 @@ class Envoy:
         place (`.output[:, 0] = 0`) changes it too. Inside `tr.iter[...]` it is the output of the
         module's call numbered `step`, else of its first call. Calls are numbered in the order
         they start: a module that calls itself returns from its inner calls (higher numbers)
-        before the outer one, so request their outputs first. Outside an invoke body it raises
-        `UsageError`; a module the model has already run raises `OutOfOrderError`.
+        before the outer one, so request their outputs first. It is what the module's
+        `forward` returned: forward hooks registered on the module itself run after it (a hook
+        that changes the output changes the value read or set here, as it would a plain
+        output). Outside an invoke body it raises `UsageError`; a module the model has already
+        run raises `OutOfOrderError`.
 
         Example:
 
