@@ -25,7 +25,7 @@ the next token can only be found by looking up the earlier occurrence of the cur
 copying the one after it, and the model does exactly that. Running the script again gives the
 same file bit for bit (checked on the machine that made it; another CPU or torch build may differ
 in the last bits of some float operations). Measured on fresh sequences with n = 20
-(`tests/test_models.py` measures every number again):
+(`tests/api/test_models.py` measures every number again):
 
 - next-token accuracy: 1.000 on the repeated half; 0.001 on the first half, where nothing can be
   known (chance: 1/63 = 0.016); 0.967 on the repeat of the longest sequences (n = 31).

@@ -16,11 +16,12 @@ import textwrap
 import weakref
 
 import pytest
+from conftest import ROOT
 
 from mediator._frames import BodySkipper, read_names, write_names
 from mediator._protocol import SkipBody
 
-SRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src", "mediator")
+SRC = str(ROOT / "src" / "mediator")
 
 
 class Value:

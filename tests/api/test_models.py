@@ -15,7 +15,7 @@ from types import ModuleType
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import assert_untouched
+from conftest import ROOT, assert_untouched
 
 import mediator
 from mediator.models import (
@@ -29,7 +29,7 @@ from mediator.models import (
     repeated_tokens,
 )
 
-TRAIN = Path(__file__).resolve().parent.parent / "examples" / "train_induction.py"
+TRAIN = ROOT / "examples" / "train_induction.py"
 LENGTH = 20  # the documented measurements use sequences [BOS, r_1..r_20, r_1..r_20]
 
 # documented in mediator/models.py: (layer, head) -> score, to two decimals
@@ -107,7 +107,7 @@ def test_load_induction_is_in_eval_mode_and_draws_no_random_numbers():
 
 
 def test_the_weights_ship_in_the_package_data():
-    pyproject = (Path(__file__).resolve().parent.parent / "pyproject.toml").read_text()
+    pyproject = (ROOT / "pyproject.toml").read_text()
     assert '"weights/*.pt"' in pyproject
     assert INDUCTION_WEIGHTS.parent == Path(mediator.__file__).resolve().parent / "weights"
     with zipfile.ZipFile(INDUCTION_WEIGHTS) as archive:  # torch's zip format, not a bare pickle

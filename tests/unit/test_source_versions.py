@@ -10,8 +10,9 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from conftest import ROOT
 
-SRC = str(Path(__file__).resolve().parent.parent / "src" / "mediator")
+SRC = str(ROOT / "src" / "mediator")
 
 _PROGRAM = textwrap.dedent(
     '''

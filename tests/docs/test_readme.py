@@ -9,11 +9,11 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import MLP
+from conftest import MLP, ROOT
 
 import mediator
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+README = ROOT / "README.md"
 BLOCKS = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
 
 

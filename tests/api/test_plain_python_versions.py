@@ -14,9 +14,10 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from conftest import ROOT
 from test_plain_python import _place
 
-SRC = str(Path(__file__).resolve().parent.parent / "src" / "mediator")
+SRC = str(ROOT / "src" / "mediator")
 VERSIONS = ["3.10.13", "3.11.7", "3.12.1", "3.13.0"]
 
 _DRIVER = textwrap.dedent(

@@ -8,8 +8,9 @@ import ast
 from pathlib import Path
 
 import pytest
+from conftest import ROOT
 
-PACKAGE = Path(__file__).resolve().parent.parent / "src" / "mediator"
+PACKAGE = ROOT / "src" / "mediator"
 MODULES = sorted(PACKAGE.glob("*.py"))
 MAX_LINES = 520
 

@@ -13,10 +13,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import ROOT
 
 from mediator.models import INDUCTION_WEIGHTS, load_induction
 
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+EXAMPLES = ROOT / "examples"
 
 
 def run(script: str, *args: str) -> str:
