@@ -18,8 +18,7 @@ import _signal  # type: ignore[import-not-found]  # the C module: no enum conver
 import signal
 import threading
 import types
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from ._callsite import PACKAGE_DIR
@@ -42,23 +41,32 @@ def model_call_site(function: Function) -> Function:
     return function
 
 
-@contextmanager
-def routed_to(interleaver: Interleaver) -> Iterator[None]:
+class routed_to:  # noqa: N801 - used like a function: `with routed_to(interleaver):`
     """While the block runs, SIGINT interrupts `interleaver` (main thread only, and only when
-    SIGINT had Python's default handler; otherwise nothing changes)."""
-    global _previous
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    if not _stack:
-        if _signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
-            yield
+    SIGINT had Python's default handler; otherwise nothing changes). A class rather than a
+    generator: it is entered by every trace."""
+
+    __slots__ = ("interleaver", "pushed")
+
+    def __init__(self, interleaver: Interleaver) -> None:
+        self.interleaver = interleaver
+        self.pushed = False
+
+    def __enter__(self) -> None:
+        global _previous
+        if threading.current_thread() is not threading.main_thread():
             return
-        _previous = _signal.signal(signal.SIGINT, _handle)
-    _stack.append(interleaver)
-    try:
-        yield
-    finally:
+        if not _stack:
+            if _signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+                return
+            _previous = _signal.signal(signal.SIGINT, _handle)
+        _stack.append(self.interleaver)
+        self.pushed = True
+
+    def __exit__(self, *exc: object) -> None:
+        global _previous
+        if not self.pushed:
+            return
         _stack.pop()
         if not _stack:
             _signal.signal(signal.SIGINT, _previous)

@@ -19,29 +19,63 @@ from typing import Any
 
 _LOADS_CONSTANT = frozenset({"LOAD_CONST", "RETURN_CONST", "LOAD_SMALL_INT"})
 _PLAIN_CONSTANTS = (int, float, complex, str, bytes)
+_CELLS = frozenset({"MAKE_CELL", "LOAD_CLOSURE", "COPY_FREE_VARS"})  # scope plumbing only
+_OPERATORS = ("BINARY_", "UNARY_", "INPLACE_", "COMPARE_OP", "CONTAINS_OP", "IS_OP")
 
 
 def runs_as(
-    body: list[ast.stmt], spelled: set[str], code: types.CodeType, first: int, last: int
+    body: list[ast.stmt],
+    spelled: set[str],
+    code: types.CodeType,
+    first: int,
+    last: int,
+    owner: str | None = None,
 ) -> bool:
-    """Whether `body` (spelling the names `spelled`) is what `code` runs on lines
-    `first..last`."""
-    if not spelled <= _names_on_lines(code, first, last):
-        return False
-    constants = _constants_of(body)
-    return constants is None or constants <= _constants_on_lines(code, first, last)
+    """Whether `body` is what `code` runs on lines `first..last`. The body is compiled on its
+    own, as a function (inside class `owner`, for name mangling), so that the compiler drops and
+    folds exactly what it dropped and folded in the caller (code after a `raise`, a branch of a
+    constant test); its names and constants must then all be used on those lines. A body that
+    does not compile on its own (`nonlocal`, say) is compared by the names it `spelled`."""
+    alone = _compile_alone(body, owner)
+    if alone is None:
+        return spelled <= _names_on_lines(code, first, last)
+    everywhere = (0, sys.maxsize)
+    return _names_on_lines(alone, *everywhere) <= _names_on_lines(
+        code, first, last
+    ) and _constants_on_lines(alone, *everywhere) <= _constants_on_lines(code, first, last)
 
 
 def _names_on_lines(code: types.CodeType, first: int, last: int) -> set[str]:
-    """The names and attributes `code`'s instructions on lines `first..last` use."""
+    """The names, attributes, strings and operators `code`'s instructions on lines
+    `first..last` use."""
     names: set[str] = set()
-    for instruction, line in instructions(code):
-        if first <= line <= last:
+    for instruction, line, following in _listed(code):
+        if (
+            first <= line <= last
+            and not _qualname(instruction, following)
+            and instruction.opname not in _CELLS
+        ):
+            if instruction.opname.startswith(_OPERATORS):  # `* 2` and `/ 2` differ here
+                names.add(f"{instruction.opname} {instruction.argrepr}")
             value = instruction.argval  # 3.13 pairs names: LOAD_FAST_LOAD_FAST ("a", "b")
             for name in value if isinstance(value, tuple) else (value,):
                 if isinstance(name, str):
                     names.add(name)
     return names
+
+
+def _qualname(instruction: dis.Instruction, following: str) -> bool:
+    """Python 3.10 loads a function's qualified name before making it: it depends on the
+    enclosing function's name, not on the body."""
+    return instruction.opname == "LOAD_CONST" and following == "MAKE_FUNCTION"
+
+
+def _listed(code: types.CodeType) -> list[tuple[dis.Instruction, int, str]]:
+    """Each instruction of `code`, its line, and the name of the instruction after it."""
+    listed = list(instructions(code))
+    names = [instruction.opname for instruction, _ in listed[1:]] + [""]
+    pairs = zip(listed, names, strict=True)
+    return [(instruction, line, name) for (instruction, line), name in pairs]
 
 
 def instructions(code: types.CodeType) -> Iterator[tuple[dis.Instruction, int]]:
@@ -54,9 +88,9 @@ def instructions(code: types.CodeType) -> Iterator[tuple[dis.Instruction, int]]:
         yield instruction, positions.lineno if positions and positions.lineno else line
 
 
-def _constants_of(statements: list[ast.stmt]) -> set[Any] | None:
-    """The constants the compiler loads for `statements` as a function body (folded as it
-    folds them in the caller), or None if they do not compile on their own (`nonlocal`, say)."""
+def _compile_alone(statements: list[ast.stmt], owner: str | None) -> types.CodeType | None:
+    """The code of `statements` compiled as the body of a function (in a class named `owner`,
+    if given), or None if they do not compile on their own."""
     function = ast.FunctionDef(
         name="_",
         args=ast.arguments(posonlyargs=[], args=[], kwonlyargs=[], kw_defaults=[], defaults=[]),
@@ -66,26 +100,32 @@ def _constants_of(statements: list[ast.stmt]) -> set[Any] | None:
     )
     if "type_params" in ast.FunctionDef._fields:
         setattr(function, "type_params", [])  # noqa: B010 - Python 3.12+ only
-    module = ast.fix_missing_locations(ast.Module(body=[function], type_ignores=[]))
+    outer: ast.stmt = function
+    if owner is not None:
+        outer = ast.ClassDef(name=owner, bases=[], keywords=[], body=[function], decorator_list=[])
+        if "type_params" in ast.ClassDef._fields:
+            setattr(outer, "type_params", [])  # noqa: B010 - Python 3.12+ only
+    module = ast.fix_missing_locations(ast.Module(body=[outer], type_ignores=[]))
     try:
         compiled = compile(module, "<body>", "exec", dont_inherit=True)
     except SyntaxError:
         return None
-    code = next(c for c in compiled.co_consts if isinstance(c, types.CodeType))
-    return _constants_on_lines(code, 0, sys.maxsize)
+    for _ in range(2 if owner is not None else 1):  # into the class, then the function
+        compiled = next(c for c in compiled.co_consts if isinstance(c, types.CodeType))
+    return compiled
 
 
 def _constants_on_lines(code: types.CodeType, first: int, last: int) -> set[Any]:
     """The constants `code`'s instructions on lines `first..last` load, as (type, value) pairs
-    (1 and 1.0 and True are different constants). The qualified name Python 3.10 loads before
-    making a function depends on the enclosing function's name, not the body: it is left out."""
+    (1 and 1.0 and True are different constants)."""
     found = set()
-    listed = list(instructions(code))
-    for position, (instruction, line) in enumerate(listed):
-        if not first <= line <= last or instruction.opname not in _LOADS_CONSTANT:
-            continue
+    for instruction, line, following in _listed(code):
         value = instruction.argval
-        following = listed[position + 1][0].opname if position + 1 < len(listed) else ""
-        if isinstance(value, _PLAIN_CONSTANTS) and following != "MAKE_FUNCTION":
+        if (
+            first <= line <= last
+            and instruction.opname in _LOADS_CONSTANT
+            and isinstance(value, _PLAIN_CONSTANTS)
+            and not _qualname(instruction, following)
+        ):
             found.add((type(value), value))
     return found

@@ -230,14 +230,13 @@ def _with_at(tree: ast.Module, frame: types.FrameType) -> tuple[ast.With, list[a
 
 
 def _runs_as(node: ast.With, around: list[ast.AST], frame: types.FrameType) -> bool:
-    """Whether the body found in the source is the code the caller runs: every name the body
-    spells is used by the caller's instructions on the body's lines. A file edited after import,
-    or another block moved to these lines, fails this."""
+    """Whether the body found in the source is the code the caller runs (`_match.runs_as`). A
+    file edited after import, or another block moved to these lines, fails this."""
     first = node.body[0].lineno
     last = _last_line(node)
     owner = _class_of(around)
     spelled = {_mangled(name, owner) for name in _spelled(node.body)}
-    return runs_as(node.body, spelled, frame.f_code, first, last)
+    return runs_as(node.body, spelled, frame.f_code, first, last, owner)
 
 
 def _class_of(around: list[ast.AST]) -> str | None:

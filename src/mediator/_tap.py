@@ -30,6 +30,7 @@ import functools
 import os
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 from torch import nn
@@ -108,16 +109,24 @@ class Tap:
         self.compiled = None
 
 
-def attach(taps: list[Tap], interleaver: Any) -> list[tuple[Tap, Route | None]]:
+@dataclass(slots=True)
+class Attached:
+    """What `attach` did for one trace: the taps it routes through, and the routes of an outer
+    trace of the same thread that it replaced (opened from a forward hook; usually none)."""
+
+    taps: list[Tap] = field(default_factory=list)
+    outer: list[tuple[Tap, Route]] = field(default_factory=list)
+
+
+def attach(taps: list[Tap], interleaver: Any) -> Attached:
     """Route the calling thread's calls of each tapped module to `interleaver`.
 
-    Returns the taps actually installed (a module already tapped by another trace keeps that
-    trace's tap), each with the route it replaced: a trace opened on a thread that already runs
-    a trace (from a forward hook) routes to itself until it ends, then the outer one's routes
-    are back. Pass the result to `detach`.
+    A module already tapped by another trace keeps that trace's tap. A trace opened on a thread
+    that already runs a trace (from a forward hook) routes to itself until it ends, then the
+    outer one's routes are back. Pass the result to `detach`.
     """
     ident = threading.get_ident()
-    attached: list[tuple[Tap, Route | None]] = []
+    attached = Attached()
     with _LOCK:
         try:
             for site, tap in enumerate(taps):
@@ -133,29 +142,33 @@ def attach(taps: list[Tap], interleaver: Any) -> list[tuple[Tap, Route | None]]:
                         other = taps[site] = Tap(tap.module)
                         other.install()
                     active = other
-                attached.append((active, active.routes.get(ident)))
-                active.routes[ident] = (interleaver, site)
+                routes = active.routes
+                previous = routes.get(ident)
+                if previous is None:
+                    attached.taps.append(active)
+                else:
+                    attached.outer.append((active, previous))
+                routes[ident] = (interleaver, site)
         except BaseException:
             _undo(attached, ident)
             raise
     return attached
 
 
-def detach(attached: list[tuple[Tap, Route | None]]) -> None:
+def detach(attached: Attached) -> None:
     """Undo `attach` for the calling thread; restore `forward` where no trace remains."""
     with _LOCK:
         _undo(attached, threading.get_ident())
 
 
-def _undo(attached: list[tuple[Tap, Route | None]], ident: int) -> None:
-    for tap, previous in reversed(attached):
+def _undo(attached: Attached, ident: int) -> None:
+    for tap in attached.taps:
         routes = tap.routes
-        if previous is not None:
-            routes[ident] = previous  # the outer trace of this thread routes here again
-            continue
         del routes[ident]
         if not routes:  # no other trace remains
             tap.remove()
+    for tap, previous in attached.outer:
+        tap.routes[ident] = previous  # the outer trace of this thread routes here again
 
 
 def strip(copy: nn.Module) -> None:

@@ -465,28 +465,44 @@ def test_a_reloaded_module_runs_its_new_body(tmp_path, monkeypatch):
         {padding}
         def traced(model, x):
             with model.trace(x):
-                out = model.layers[0].output * {factor}
+                out = model.layers[0].output {op} {factor}
             return out
 
 
         def plain(model, x):
-            return model.layers[0](x) * {factor}
+            return model.layers[0](x) {op} {factor}
         """
     )
     monkeypatch.syspath_prepend(str(tmp_path))
     net = MLP()
     model = mediator.Model(net)
     x = torch.randn(2, 8)
-    module_file.write_text(template.format(padding="", factor=1))
+    module_file.write_text(template.format(padding="", op="*", factor=1))
     probe = importlib.import_module("reloaded_probe")
     try:
         torch.testing.assert_close(probe.traced(model, x), probe.plain(model, x))
-        for padding, factor in [("", 5), ("# moved\n# down", 7)]:
-            module_file.write_text(template.format(padding=padding, factor=factor))
+        for padding, op, factor in [("", "*", 5), ("# moved\n# down", "*", 7), ("", "/", 7)]:
+            module_file.write_text(template.format(padding=padding, op=op, factor=factor))
             os.utime(module_file, (time.time() + factor, time.time() + factor))  # a new mtime
             probe = importlib.reload(probe)
             expected = probe.plain(model, x)
             torch.testing.assert_close(probe.traced(model, x), expected)
-            torch.testing.assert_close(expected, net.layers[0](x) * factor)
+            plain_value = net.layers[0](x)
+            want = plain_value * factor if op == "*" else plain_value / factor
+            torch.testing.assert_close(expected, want)
     finally:
         sys.modules.pop("reloaded_probe", None)
+
+
+def test_code_the_compiler_drops_is_no_sign_of_an_edited_file(model, x):
+    """A body whose compiled code lacks some of its source (code after a `raise`, the dead
+    branch of a constant test) is still recognised as the code that runs (oracle: the same
+    lines without the library)."""
+    for trace in (model.trace, lambda x: contextlib.nullcontext()):
+        with pytest.raises(ValueError, match="stop here"):
+            with trace(x):
+                raise ValueError("stop here")
+                unreachable = model.layers[0].output  # noqa: F841
+        with trace(x):
+            c = 1 if True else model.no_such_module
+        assert c == 1
