@@ -479,9 +479,15 @@ def _walrus_targets(comprehension: ast.AST) -> set[str]:
 
 
 def _loaded_names(statements: list[ast.stmt]) -> set[str]:
+    """Names the statements read, the targets of augmented assignments (`n += 1`) included."""
     return {
         node.id
         for statement in statements
         for node in ast.walk(statement)
         if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Load)
+    } | {
+        node.target.id
+        for statement in statements
+        for node in ast.walk(statement)
+        if isinstance(node, ast.AugAssign) and isinstance(node.target, ast.Name)
     }

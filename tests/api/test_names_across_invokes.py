@@ -340,3 +340,17 @@ def test_names_across_invokes_at_module_level(tmp_path):
     names = runpy.run_path(str(script))
     for got, want in zip(names["batched"], names["solo"], strict=True):
         assert close(got, want)
+
+
+def test_an_augmented_assignment_across_invokes_accumulates(model, x) -> None:
+    """`total += ...` in one invoke per input adds up over the invokes, as the same lines run
+    one after another do (oracle: the sum of each input's own output)."""
+    inputs = [x[i : i + 1] for i in range(3)]
+    total = 0.0
+    with torch.no_grad(), model.trace() as tr:
+        for part in inputs:
+            with tr.invoke(part):
+                total += model.output.sum().item()
+    with torch.no_grad():
+        expected = sum(model._module(part).sum().item() for part in inputs)
+    assert total == pytest.approx(expected, rel=1e-5)
