@@ -53,10 +53,6 @@ class BodySource:
 
     filename: str
     statements: list[ast.stmt]
-    first_line: int
-    first_column: int
-    inline: bool  # the body starts on the line of the `with` header (`with ...: x = 1`)
-    last_line: int
     as_name: str | None  # the name bound by `as` for this with item, if any
     loads: frozenset[str]  # names read anywhere in the body
     assigns: frozenset[str]  # names bound or deleted in the caller's scope by the body
@@ -303,10 +299,6 @@ def _analyse(
     return BodySource(
         filename=filename,
         statements=node.body,
-        first_line=node.body[0].lineno,
-        first_column=node.body[0].col_offset,
-        inline=node.body[0].lineno == _header_end(node),
-        last_line=_last_line(node),
         as_name=_mangled(as_name, owner) if as_name is not None else None,
         loads=mangle(_loaded_names(node.body)),
         assigns=mangle(assigns - declared),
