@@ -11,6 +11,7 @@ module owns no state.
 from __future__ import annotations
 
 import ast
+import copy
 import dis
 import sys
 import types
@@ -94,8 +95,8 @@ def _compile_alone(statements: list[ast.stmt], owner: str | None) -> types.CodeT
     function = ast.FunctionDef(
         name="_",
         args=ast.arguments(posonlyargs=[], args=[], kwonlyargs=[], kw_defaults=[], defaults=[]),
-        body=statements,
-        decorator_list=[],
+        body=copy.deepcopy(statements),  # its own nodes: compiling shared ones from two
+        decorator_list=[],  # threads at once trips CPython's AST recursion-depth check
         returns=None,
     )
     if "type_params" in ast.FunctionDef._fields:
