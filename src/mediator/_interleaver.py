@@ -15,7 +15,9 @@ The baton
 States of a mediator (`_protocol.MediatorState`, changed only through `enter_state`)
     CREATED -> STARTING (handed to a worker with the baton) -> RUNNING (its body runs) <->
     BLOCKED (a request made, `waiting` set, baton handed on) -> DONE (returned or raised), or
-    CANCELLED (ended by cancellation, or never started). A mediator that is not BLOCKED, DONE,
+    CANCELLED (ended by cancellation, or never started). A with-body with nothing to run (only
+    `pass`, `...` or strings) goes from CREATED to DONE as it is built: no worker, no baton.
+    A mediator that is not BLOCKED, DONE,
     CANCELLED or CREATED holds the baton; `running` names the one the model thread handed it to.
 
 The plan: handing the baton on directly
@@ -142,7 +144,7 @@ if TYPE_CHECKING:
 _CREATED, _BLOCKED = MediatorState.CREATED, MediatorState.BLOCKED
 
 #: Where the model stands: the calls of each site that began, and those still open.
-Position = tuple[list[int], list[list[int]]]
+Position = tuple[list[int], list[tuple[int, int]]]
 
 
 class Interleaver(Waits):
@@ -161,9 +163,9 @@ class Interleaver(Waits):
         self.total = total
         sites = len(paths)
         self.started = [0] * sites  # calls of each site that began, numbered in that order
-        # the calls of each site that began and have not returned, innermost last (a module that
-        # calls itself has several; call c's output boundary passed once c began and left here)
-        self.open_calls: list[list[int]] = [[] for _ in range(sites)]
+        # (site, call) of the calls that began and have not returned, innermost last (a module
+        # that calls itself has several; call c's output boundary passed once c began and left)
+        self.open_calls: list[tuple[int, int]] = []
         # open requests, ops and caches per site, for its inputs and for its outputs
         self.watch = ([0] * sites, [0] * sites)
         self.current: Boundary | None = None
@@ -191,7 +193,7 @@ class Interleaver(Waits):
 
     def start(self) -> None:
         """Start every mediator in definition order and let each run to its first request."""
-        self.plan = self.mediators[::-1]
+        self.plan = [m for m in reversed(self.mediators) if m.state is _CREATED]
         self._run_plan()
 
     @model_call_site
@@ -205,8 +207,8 @@ class Interleaver(Waits):
             self._wake_steps(call)  # before the call counts as started: its input is still ahead
             self._check_stop()
         self.started[site] = call + 1
-        open_calls = self.open_calls[site]
-        open_calls.append(call)
+        open_calls = self.open_calls
+        open_calls.append((site, call))
         try:
             skip = None
             watch_inputs, watch_outputs = self.watch
@@ -481,11 +483,11 @@ class Interleaver(Waits):
         started, open_calls = (self.started, self.open_calls) if position is None else position
         site, kind, call = key
         began = started[site] > call
-        return began if kind == INPUT else began and call not in open_calls[site]
+        return began if kind == INPUT else began and (site, call) not in open_calls
 
     def position(self) -> Position:
         """Where the model stands: a copy of the calls begun and open, for `passed`."""
-        return list(self.started), [list(calls) for calls in self.open_calls]
+        return list(self.started), list(self.open_calls)
 
     def describe(self, key: Key) -> str:
         site, kind, call = key

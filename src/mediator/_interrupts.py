@@ -9,12 +9,14 @@ steps or waiting for a body, it marks the innermost such trace `interrupted` and
 into its inbox, which wakes the model thread where it waits; the interleaver then raises
 `KeyboardInterrupt` at a point of its own choosing (`Interleaver._wait_for_baton`, `call`). The
 state is the stack of traces running on the main thread (nested ones push), the handler that was
-there before the outermost one (put back when it ends), and the set of model call sites.
+there before the outermost one (put back when it ends), the set of model call sites, and the
+main thread's id (the forking thread's in a child process).
 """
 
 from __future__ import annotations
 
 import _signal  # type: ignore[import-not-found]  # the C module: no enum conversions per trace
+import os
 import signal
 import threading
 import types
@@ -30,6 +32,13 @@ if TYPE_CHECKING:
 _stack: list[Interleaver] = []
 _previous: Any = None
 _model_call_sites: set[types.CodeType] = set()
+_main_ident = threading.main_thread().ident  # after a fork: the forking thread's
+
+
+def _after_fork_in_child() -> None:
+    global _main_ident
+    _main_ident = threading.get_ident()
+
 
 Function = TypeVar("Function", bound=Callable[..., Any])
 
@@ -41,36 +50,29 @@ def model_call_site(function: Function) -> Function:
     return function
 
 
-class routed_to:  # noqa: N801 - used like a function: `with routed_to(interleaver):`
-    """While the block runs, SIGINT interrupts `interleaver` (main thread only, and only when
-    SIGINT had Python's default handler; otherwise nothing changes). A class rather than a
-    generator: it is entered by every trace."""
+def route_sigint(interleaver: Interleaver) -> bool:
+    """From now on SIGINT interrupts `interleaver`, when called on the main thread while SIGINT
+    has Python's default handler (or is routed to an outer trace already); otherwise nothing
+    changes. Returns whether it routed: then `unroute_sigint()` must follow."""
+    global _previous
+    if threading.get_ident() != _main_ident:
+        return False
+    if not _stack:
+        if _signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+            return False
+        _previous = _signal.signal(signal.SIGINT, _handle)
+    _stack.append(interleaver)
+    return True
 
-    __slots__ = ("interleaver", "pushed")
 
-    def __init__(self, interleaver: Interleaver) -> None:
-        self.interleaver = interleaver
-        self.pushed = False
-
-    def __enter__(self) -> None:
-        global _previous
-        if threading.current_thread() is not threading.main_thread():
-            return
-        if not _stack:
-            if _signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
-                return
-            _previous = _signal.signal(signal.SIGINT, _handle)
-        _stack.append(self.interleaver)
-        self.pushed = True
-
-    def __exit__(self, *exc: object) -> None:
-        global _previous
-        if not self.pushed:
-            return
-        _stack.pop()
-        if not _stack:
-            _signal.signal(signal.SIGINT, _previous)
-            _previous = None
+def unroute_sigint() -> None:
+    """Undo the last `route_sigint` that routed: SIGINT goes to the outer trace, or to the
+    handler from before the outermost one."""
+    global _previous
+    _stack.pop()
+    if not _stack:
+        _signal.signal(signal.SIGINT, _previous)
+        _previous = None
 
 
 def _handle(signum: int, frame: types.FrameType | None) -> None:
@@ -93,3 +95,6 @@ def _in_model_code(frame: types.FrameType | None) -> bool:
             return code in _model_call_sites
         frame = frame.f_back
     return False
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -134,6 +134,11 @@ class Mediator:
             self.body = self.args = None
             raise
 
+    def end_unstarted(self) -> None:
+        """The body has nothing to run (only `pass`, `...` or strings): it is DONE as built."""
+        self.enter_state(_DONE)
+        self.final_locals = {}
+
     def cancel_unstarted(self) -> None:
         """The trace is cancelled before this mediator was started: it never will be."""
         self.enter_state(_CANCELLED)

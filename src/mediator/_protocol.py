@@ -60,12 +60,14 @@ class MediatorState(enum.IntEnum):
     STARTING = 1  # handed to a worker with the baton; the body has not begun
     RUNNING = 2  # holds the baton and runs its body
     BLOCKED = 3  # waits in its inbox for a reply; `waiting` says for what
-    DONE = 4  # the body returned or raised: `result` or `error`
+    DONE = 4  # the body returned or raised (`result` or `error`), or had nothing to run
     CANCELLED = 5  # ended by the trace's cancellation, or never started
 
 
 TRANSITIONS: dict[MediatorState, frozenset[MediatorState]] = {
-    MediatorState.CREATED: frozenset({MediatorState.STARTING, MediatorState.CANCELLED}),
+    MediatorState.CREATED: frozenset(
+        {MediatorState.STARTING, MediatorState.DONE, MediatorState.CANCELLED}
+    ),
     MediatorState.STARTING: frozenset(
         {MediatorState.RUNNING, MediatorState.DONE, MediatorState.CANCELLED}
     ),

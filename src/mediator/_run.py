@@ -1,9 +1,9 @@
 """Running one trace: acquire what it needs, run the forward with its mediators, give it all back.
 
 `run_trace` is the only place a trace's resources are taken, and each is registered in one
-`contextlib.ExitStack` the moment it is acquired, so whatever fails (batching the inputs,
-compiling a body, pinning the CPU, starting a worker, the model, a body, Ctrl-C) every release
-step runs, each independently of the others, in this order:
+release stack (`_releases.Releases`) the moment it is acquired, so whatever fails (batching the
+inputs, compiling a body, pinning the CPU, starting a worker, the model, a body, Ctrl-C) every
+release step runs, each independently of the others, in this order:
 
     1. the mediators: on a failure or `tr.stop()`, the interleaver cancels every mediator that
        has not ended (one at a time; see `_interleaver.py`), else each has ended already; after
@@ -22,7 +22,6 @@ This module owns no state beyond one run's locals.
 
 from __future__ import annotations
 
-import contextlib
 import time
 import types
 from collections.abc import Callable
@@ -37,10 +36,11 @@ from ._cache import Cache
 from ._errors import MediatorError, MissedProviderError, UsageError
 from ._frames import UNBOUND, write_names
 from ._interleaver import Interleaver
-from ._interrupts import model_call_site, routed_to
+from ._interrupts import model_call_site, route_sigint, unroute_sigint
 from ._late_edits import warn, warn_stopped
 from ._mediator import Mediator
 from ._protocol import Abort, MediatorState, StopForward
+from ._releases import Releases
 from ._source import BodySource
 from ._tap import attach, detach
 from ._torchstate import TorchState
@@ -91,29 +91,30 @@ def run_trace(
     of handoffs the run made (the protocol's cost model, see `_interleaver.py`)."""
     outcome = _Outcome()
     try:
-        with contextlib.ExitStack() as release:
-            release.push(partial(_settle, outcome, invokes, frame))
+        with Releases() as release:
+            release.on_exit(_settle, outcome, invokes, frame)
             generate = method == "generate"
             batched, rows, total = traced.batcher.batch([i.inputs for i in invokes], generate)
             args, kwargs = batched[0], _with_options(batched[1], options)
             state = TorchState.capture()
+            names = _Names(invokes) if len(invokes) > 1 else None
             for index, spec in enumerate(invokes):
-                built = _build_mediator(owner, spec, index, rows[index], state, invokes, globals_)
+                built = _build_mediator(owner, spec, index, rows[index], state, names, globals_)
                 outcome.mediators.append(built)
             interleaver = Interleaver(traced.paths, outcome.mediators, traced.batcher, total)
             outcome.interleaver = interleaver
-            release.callback(_count_handoffs, outcome, interleaver)
-            release.callback(interleaver.close)
+            release.call(_close, outcome, interleaver)
             for cache in caches:
                 interleaver.open_cache(cache)
             if traced.pin_threads:
                 pinned = trace_cpu()
                 if pinned is not None:
-                    release.callback(restore_current_thread, pinned[1])
+                    release.call(restore_current_thread, pinned[1])
                     interleaver.cpu = pinned[0]
-            release.enter_context(routed_to(interleaver))
-            release.callback(detach, attach(traced.taps, interleaver))
-            release.push(partial(_end_mediators, interleaver, outcome))
+            if route_sigint(interleaver):
+                release.call(unroute_sigint)
+            release.call(detach, attach(traced.taps, interleaver))
+            release.on_exit(_end_mediators, interleaver, outcome)
             interleaver.start()
             outcome.output = _call_model(_traced_call(traced, method), args, kwargs)
             interleaver.finish(outcome.output)
@@ -124,8 +125,10 @@ def run_trace(
     return outcome.failure, outcome.output, outcome.handoffs
 
 
-def _count_handoffs(outcome: _Outcome, interleaver: Interleaver) -> None:
+def _close(outcome: _Outcome, interleaver: Interleaver) -> None:
+    """Release step 5: the run's handoff count is kept, and the interleaver drops its values."""
     outcome.handoffs = interleaver.handoffs
+    interleaver.close()
 
 
 @model_call_site
@@ -149,23 +152,50 @@ def _with_options(kwargs: dict[str, Any], options: dict[str, Any]) -> dict[str, 
     return {**kwargs, **options}
 
 
+class _Names:
+    """Which names the with-bodies of a trace of several invokes bind and read, by invoke."""
+
+    def __init__(self, invokes: list[InvokeSpec]) -> None:
+        empty: frozenset[str] = frozenset()
+        assigns = [i.source.assigns if i.source is not None else empty for i in invokes]
+        loads = [i.source.loads if i.source is not None else empty for i in invokes]
+        self.assigned_before = [empty]  # by invokes [0, i)
+        for bound in assigns:
+            self.assigned_before.append(self.assigned_before[-1] | bound)
+        self.loaded_after = [empty]  # by invokes (i, n), built from the end
+        for read in reversed(loads[1:]):
+            self.loaded_after.append(self.loaded_after[-1] | read)
+        self.loaded_after.reverse()
+        self.assigns = assigns
+        self.bound_by_all = self.assigned_before[-1]
+        self.bound_twice = frozenset(
+            name for name in self.bound_by_all if sum(name in bound for bound in assigns) > 1
+        )
+
+    def bound_by_others(self, index: int) -> frozenset[str]:
+        """The names the with-bodies other than invoke `index`'s bind."""
+        own = self.assigns[index]
+        return (self.bound_by_all - own) | (own & self.bound_twice)
+
+
 def _build_mediator(
     owner: Any,
     spec: InvokeSpec,
     index: int,
     rows: slice | None,
     state: TorchState,
-    invokes: list[InvokeSpec],
+    names: _Names | None,
     globals_: dict[str, Any],
 ) -> Mediator:
-    """The mediator of one invoke: its function, or its with-body compiled as a function.
+    """The mediator of one invoke: its function, or its with-body compiled as a function
+    (`names` tells what the other invokes bind and read; None when there are none).
 
     A with-body reads a name it does not bind through the nearest earlier invoke that binds it
     (`cross`). A name it binds that another body binds or a later one reads (`shared`) is no
     parameter, so that its frame tells whether it has bound it yet; until it has, it reads the
     name as a `cross` one. With no earlier binding, it reads the value from before the trace."""
-    others = [i.source for i in invokes if i.source is not None and i is not spec]
-    bound_by_others = frozenset().union(*(other.assigns for other in others))
+    empty: frozenset[str] = frozenset()
+    bound_by_others = empty if names is None else names.bound_by_others(index)
     if spec.function is not None:
         fn, args, kwargs = spec.function
         call = partial(fn, *args, **kwargs)
@@ -173,10 +203,11 @@ def _build_mediator(
     source = spec.source
     assert source is not None
     scope = spec.scope
-    earlier = frozenset().union(*(i.source.assigns for i in invokes[:index] if i.source))
-    later = frozenset().union(*(i.source.loads for i in invokes[index + 1 :] if i.source))
-    cross = frozenset((source.loads - source.assigns - source.declared_global) & earlier)
-    shared = source.assigns & (bound_by_others | later)
+    cross = shared = empty
+    if names is not None:
+        earlier, later = names.assigned_before[index], names.loaded_after[index]
+        cross = (source.loads - source.assigns - source.declared_global) & earlier
+        shared = source.assigns & (bound_by_others | later)
     spec.starts_bound = frozenset(name for name in source.assigns - shared if name in scope)
     mediator = Mediator(
         owner,
@@ -188,6 +219,9 @@ def _build_mediator(
         assigns=source.assigns,
         fallbacks={name: scope[name] for name in cross | shared if name in scope},
     )
+    if source.trivial:
+        mediator.end_unstarted()
+        return mediator
     body, mediator.args = make_body(
         source, scope, cross, globals_, mediator.keep_locals, mediator.lookup_name, shared
     )
@@ -196,11 +230,7 @@ def _build_mediator(
 
 
 def _end_mediators(
-    interleaver: Interleaver,
-    outcome: _Outcome,
-    kind: type[BaseException] | None,
-    error: BaseException | None,
-    tb: types.TracebackType | None,
+    interleaver: Interleaver, outcome: _Outcome, error: BaseException | None
 ) -> bool:
     """Release step 1: every mediator ends (or, after Ctrl-C, is left to end on its own within
     the cancellation chain); the run's failure is decided here."""
@@ -225,9 +255,7 @@ def _settle(
     outcome: _Outcome,
     invokes: list[InvokeSpec],
     frame: types.FrameType,
-    kind: type[BaseException] | None,
     error: BaseException | None,
-    tb: types.TracebackType | None,
 ) -> bool:
     """Release step 6: names back into the caller's frame, futures resolved, late edits and cut
     bodies reported, and no value of the trace kept by the invokes or mediators."""

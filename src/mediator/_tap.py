@@ -87,25 +87,16 @@ class Tap:
         self.forward = forward
         self.eager = eager
 
-    def install(self) -> None:
-        """Put the tap (and the router of a module compiled in place) on the module."""
+    def route_compiled(self) -> None:
+        """The module is compiled in place: route its compiled call too (see the docstring)."""
         attributes = self.attributes
-        attributes["forward"] = self.forward
-        compiled = attributes.get("_compiled_call_impl")
-        if compiled is not None:
-            self.compiled = compiled
-            attributes["_compiled_call_impl"] = self.eager
+        self.compiled = attributes["_compiled_call_impl"]
+        attributes["_compiled_call_impl"] = self.eager
 
-    def remove(self) -> None:
-        """Give the module back its own `forward` and compiled call, unless replaced since."""
-        attributes = self.attributes
-        if attributes.get("forward") is self.forward:
-            if self.saved is _ABSENT:
-                del attributes["forward"]
-            else:
-                attributes["forward"] = self.saved
-        if self.compiled is not None and attributes.get("_compiled_call_impl") is self.eager:
-            attributes["_compiled_call_impl"] = self.compiled
+    def unroute_compiled(self) -> None:
+        """Give the module its compiled call back, unless replaced since."""
+        if self.attributes.get("_compiled_call_impl") is self.eager:
+            self.attributes["_compiled_call_impl"] = self.compiled
         self.compiled = None
 
 
@@ -130,24 +121,22 @@ def attach(taps: list[Tap], interleaver: Any) -> Attached:
     with _LOCK:
         try:
             for site, tap in enumerate(taps):
-                current = tap.attributes.get("forward", _ABSENT)
-                if current is tap.saved:  # untapped, as when the tap was built
-                    tap.install()
-                    active = tap
-                elif current is tap.forward:  # tapped by another trace of this Model
-                    active = tap
-                else:
+                attributes = tap.attributes
+                current = attributes.get("forward", _ABSENT)
+                if current is not tap.saved and current is not tap.forward:
                     other: Tap | None = getattr(current, "__mediator_tap__", None)
                     if other is None:  # the module's forward was replaced since: tap it afresh
                         other = taps[site] = Tap(tap.module)
-                        other.install()
-                    active = other
-                routes = active.routes
-                previous = routes.get(ident)
-                if previous is None:
-                    attached.taps.append(active)
+                    tap = other  # or another Model's tap of the module
+                if current is tap.saved:  # untapped
+                    attributes["forward"] = tap.forward
+                    if attributes.get("_compiled_call_impl") is not None:
+                        tap.route_compiled()
+                routes = tap.routes
+                if ident in routes:
+                    attached.outer.append((tap, routes[ident]))
                 else:
-                    attached.outer.append((active, previous))
+                    attached.taps.append(tap)
                 routes[ident] = (interleaver, site)
         except BaseException:
             _undo(attached, ident)
@@ -165,8 +154,15 @@ def _undo(attached: Attached, ident: int) -> None:
     for tap in attached.taps:
         routes = tap.routes
         del routes[ident]
-        if not routes:  # no other trace remains
-            tap.remove()
+        if not routes:  # no other trace remains: the module's own forward and compiled call
+            attributes = tap.attributes
+            if attributes.get("forward") is tap.forward:  # unless replaced since
+                if tap.saved is _ABSENT:
+                    del attributes["forward"]
+                else:
+                    attributes["forward"] = tap.saved
+            if tap.compiled is not None:
+                tap.unroute_compiled()
     for tap, previous in attached.outer:
         tap.routes[ident] = previous  # the outer trace of this thread routes here again
 

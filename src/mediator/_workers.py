@@ -111,6 +111,14 @@ class WorkerPool:
         """
         with self._lock:
             worker = self._idle.pop() if self._idle else None
+            if worker is not None and worker.cpu == cpu:
+                self._busy.add(worker)  # the usual case: one lock, nothing else to set
+        if worker is None or worker.cpu != cpu:
+            worker = self._ready_worker(worker, cpu)
+        worker.jobs.put(functools.partial(job, functools.partial(self._done, worker)))
+
+    def _ready_worker(self, worker: _Worker | None, cpu: int | None) -> _Worker:
+        """`worker` (a new one if None) on `cpu`, and busy; raises as `submit` says."""
         if worker is None:
             worker = _Worker(self, f"mediator-worker-{next(self._count)}")
             worker.thread.start()
@@ -127,7 +135,7 @@ class WorkerPool:
             worker.cpu = cpu
         with self._lock:
             self._busy.add(worker)
-        worker.jobs.put(functools.partial(job, functools.partial(self._done, worker)))
+        return worker
 
     def _done(self, worker: _Worker) -> None:
         """`worker`'s job is over (called on that worker): back to the pool, or end."""
