@@ -100,7 +100,8 @@ def run_trace(
             for index, spec in enumerate(invokes):
                 built = _build_mediator(owner, spec, index, rows[index], state, invokes, globals_)
                 outcome.mediators.append(built)
-            interleaver = Interleaver(traced.paths, outcome.mediators, traced.batcher, total)
+            batcher = traced.batcher.for_run(batched)
+            interleaver = Interleaver(traced.paths, outcome.mediators, batcher, total)
             outcome.interleaver = interleaver
             release.callback(_count_handoffs, outcome, interleaver)
             release.callback(interleaver.close)
