@@ -112,8 +112,9 @@ class CausalLMBatcher(Batcher):
         check_alike(given)
         longest = max(prompt.length for prompt in given)
         positions = self.positions if self.position_ids and not generate else None
+        labels = any("labels" in prompt.per_token for prompt in given)
         padded = [
-            None if prompt is None else pad(prompt, longest, self.pad_token_id, positions)
+            None if prompt is None else pad(prompt, longest, self.pad_token_id, positions, labels)
             for prompt in prompts
         ]
         return super().batch(padded, generate)

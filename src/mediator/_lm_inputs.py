@@ -173,16 +173,21 @@ def check_alike(prompts: list[Prompt]) -> None:
             )
 
 
-def pad(prompt: Prompt, length: int, pad_token_id: int, positions: str | None) -> Inputs:
+def pad(
+    prompt: Prompt, length: int, pad_token_id: int, positions: str | None, labels: bool
+) -> Inputs:
     """`prompt` left-padded to `length`: pad tokens (zero embeddings) masked out, labels that
-    are ignored, and, unless `positions` is None, the position ids the prompt has alone
-    (`"columns"`: counted from its first column; `"mask"`: counted over its real tokens)."""
+    are ignored (all of them where `labels` is asked for and the prompt has none), and, unless
+    `positions` is None, the position ids the prompt has alone (`"columns"`: counted from its
+    first column; `"mask"`: counted over its real tokens)."""
     tokens, per_token = prompt.tokens, prompt.per_token
     rows, missing = tokens.shape[0], length - prompt.length
     mask = per_token.get("attention_mask")
     if mask is None:
         mask = torch.ones(tokens.shape[:2], dtype=torch.long, device=tokens.device)
     padded = {**per_token, "attention_mask": mask}
+    if labels and "labels" not in padded:
+        padded["labels"] = torch.full_like(mask, IGNORE_INDEX, dtype=torch.long)
     if positions is not None and "position_ids" not in padded:
         padded["position_ids"] = _solo_positions(mask, positions)
     if missing:

@@ -94,7 +94,7 @@ def _holds_loss(value: Any, total: int) -> bool:
     )
 
 
-def _without_loss(value: dict[str, Any]) -> dict[str, Any]:
+def _without_loss(value: dict[str, Any]) -> Any:
     return _with_loss(value, None)
 
 
