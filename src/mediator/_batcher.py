@@ -10,13 +10,14 @@ skips a call). Subclass it for models that need their own batching (padding, mas
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from functools import partial
 from typing import Any
 
 import torch
 
-from ._errors import ShapeError, UsageError
+from ._errors import RowlessValueWarning, ShapeError, UsageError
 from ._tree import describe, flatten
 
 Inputs = tuple[tuple[Any, ...], dict[str, Any]]
@@ -77,11 +78,37 @@ class Batcher:
             start += size
         return self._concatenate([entry for _, entry in given], [i for i, _ in given]), rows, start
 
+    def name_inputs(
+        self, call: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Inputs:
+        """An invoke's inputs as `batch` gets them, given `call`, the method the trace calls:
+        as given here. `CausalLMBatcher` names positional inputs after the first by `call`'s
+        parameters, so that a mask passed positionally is padded like one passed by keyword.
+
+        Example:
+
+            mediator.Batcher().name_inputs(net.forward, (x, mask), {})   # ((x, mask), {})
+        """
+        return args, kwargs
+
+    def for_run(self, batched: Inputs) -> Batcher:
+        """The batcher that narrows and merges the values of one run whose batched inputs are
+        `batched`: this one. A subclass that needs something of the batch to narrow a value
+        returns a batcher that keeps it (`CausalLMBatcher`: the labels, for each invoke's loss).
+
+        Example:
+
+            batched, rows, total = batcher.batch(inputs)
+            run_batcher = batcher.for_run(batched)      # narrows this run's values
+        """
+        return self
+
     def narrow(self, value: Any, rows: slice, total: int) -> Any:
         """The part of `value` that belongs to `rows` (views, no copies).
 
         Every tensor in `value` (also inside tuples, lists, dicts and dataclasses) whose dim 0
-        is `total` is cut to `rows`; other leaves are kept whole.
+        is `total` is cut to `rows`; other leaves are kept whole. A 0-dim tensor has no rows:
+        handing it to one invoke of several warns (`RowlessValueWarning`).
 
         Example:
 
@@ -205,7 +232,8 @@ class Batcher:
                 raise ShapeError(
                     f"cannot batch invoke {index} with invoke {indices[0]}: they pass different "
                     f"inputs ({_signature(entry)} vs {_signature(entries[0])}); every invoke "
-                    "must pass the same positional and keyword inputs"
+                    "must pass the same positional and keyword inputs",
+                    invokes=(indices[0], index),
                 )
         keys = list(first_kwargs)
         columns = list(zip(*(_leaves(entry, keys) for entry in entries), strict=False))
@@ -229,7 +257,8 @@ class Batcher:
                     raise ShapeError(
                         f"cannot batch {name_of()}: invoke {indices[0]} passes {first!r} and "
                         f"invoke {index} passes {value!r}; inputs that are not tensors must be "
-                        "equal"
+                        "equal",
+                        invokes=(indices[0], index),
                     )
             return first
         dtype = first.dtype  # torch.cat would promote mixed dtypes silently: check them first
@@ -243,14 +272,16 @@ class Batcher:
             if not isinstance(value, torch.Tensor) or value.dim() == 0:
                 raise ShapeError(
                     f"cannot batch {name_of()}: invoke {index} passes {describe(value)}; batched "
-                    "inputs must be tensors with a batch dimension first"
+                    "inputs must be tensors with a batch dimension first",
+                    invokes=(index,),
                 )
             if (value.shape[1:], value.dtype, value.device) != trailing:
                 raise ShapeError(
                     f"cannot batch {name_of()}: invoke {indices[0]} passes {describe(first)} and "
                     f"invoke {index} passes {describe(value)}; all dimensions but the first, "
                     "the dtype and the device must agree (pad to one length, or trace them "
-                    "separately)"
+                    "separately)",
+                    invokes=(indices[0], index),
                 )
         return torch.cat(values, dim=0)
 
@@ -289,7 +320,22 @@ def _is_batch(leaf: Any, total: int) -> bool:
 def _narrow_leaf(leaf: Any, rows: slice, total: int) -> Any:
     if _is_batch(leaf, total):
         return leaf[rows]
+    if isinstance(leaf, torch.Tensor) and leaf.dim() == 0:
+        warn_rowless(leaf, rows, total)
     return leaf
+
+
+def warn_rowless(leaf: torch.Tensor, rows: slice, total: int) -> None:
+    """Warn that the invoke of `rows` is handed `leaf`, a value of the whole batch."""
+    warnings.warn(
+        f"the invoke of rows {rows.start}:{rows.stop} (of {total}) reads a value with no batch "
+        f"rows, {describe(leaf)} (a batch-reduced scalar such as a loss): it is computed from "
+        "every invoke's rows, not this invoke's own. Compute it from this invoke's own rows "
+        "(e.g. a loss from its logits), read it in an invoke without inputs (tr.invoke()), "
+        "which sees the whole batch, or trace the invoke alone",
+        RowlessValueWarning,
+        stacklevel=2,
+    )
 
 
 def _join_leaves(column: tuple[Any, ...], parts: list[tuple[slice, Any]]) -> Any:

@@ -114,6 +114,11 @@ class ShapeError(MediatorError, ValueError):
             model.layers[1].output = torch.zeros_like(h)  # fine: same shape, dtype, device
     """
 
+    def __init__(self, message: str = "", *, invokes: tuple[int, ...] = ()) -> None:
+        super().__init__(message)
+        self.invokes = invokes  # the invokes whose inputs could not be batched (their lines
+        # are added to the message when the trace reports it)
+
 
 class SourceUnavailableError(UsageError):
     """The source of a with-block body cannot be found (`exec` of a string, an edited file).
@@ -185,4 +190,24 @@ class StoppedWarning(UserWarning):
                 tr.stop()                        # the model ends after layers.1
 
         # `late` keeps the value it had before the trace; `early` is bound
+    """
+
+
+class RowlessValueWarning(UserWarning):
+    """An invoke among several read a value that has no batch rows: the whole batch's value.
+
+    A 0-dim tensor (a loss averaged over the batch, a norm, a count) cannot be cut to one
+    invoke's rows, so an invoke reading it gets the value computed from every invoke's rows,
+    not its own. The causal-LM batcher computes an HF `loss` per invoke instead (each invoke
+    gets the loss of its own rows); for other models reading such a value from one invoke of
+    several warns. An invoke without inputs (`tr.invoke()`) sees the whole batch and gets no
+    warning. Compute the value from the invoke's own rows (its logits), or trace it alone.
+
+    Example:
+
+        with model.trace() as tr:
+            with tr.invoke(x1, labels=y1):
+                loss = model.output.loss      # RowlessValueWarning: the batch's mean loss
+            with tr.invoke(x2, labels=y2):
+                logits = model.output.logits
     """

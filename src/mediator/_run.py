@@ -101,7 +101,8 @@ def run_trace(
             for index, spec in enumerate(invokes):
                 built = _build_mediator(owner, spec, index, rows[index], state, names, globals_)
                 outcome.mediators.append(built)
-            interleaver = Interleaver(traced.paths, outcome.mediators, traced.batcher, total)
+            batcher = traced.batcher.for_run(batched)
+            interleaver = Interleaver(traced.paths, outcome.mediators, batcher, total)
             outcome.interleaver = interleaver
             release.call(_close, outcome, interleaver)
             for cache in caches:

@@ -23,9 +23,10 @@ from typing import TYPE_CHECKING, Any
 
 from . import _context
 from ._barrier import Barrier
+from ._batcher import Inputs
 from ._cache import Cache
-from ._callsite import user_traceback
-from ._errors import UsageError
+from ._callsite import user_line, user_traceback
+from ._errors import ShapeError, UsageError
 from ._frames import BodySkipper, check_unbinding, read_names, write_names
 from ._names import closest_hint
 from ._protocol import SkipBody, TraceState
@@ -74,7 +75,13 @@ class Invoke:
 
     def __init__(self, tracer: Tracer, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         self.tracer = tracer
-        self.inputs = (args, kwargs) if args or kwargs else None
+        self.inputs: Inputs | None = None
+        self.line = user_line()  # where the user made it, for errors about its inputs
+        if args or kwargs:
+            traced = tracer._traced
+            self.inputs = traced.batcher.name_inputs(
+                getattr(traced.module, tracer._method), args, kwargs
+            )
         self.source: BodySource | None = None
         self.scope: dict[str, Any] = {}  # the enclosing names the body uses
         self.function: tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]] | None = None
@@ -413,6 +420,7 @@ class Tracer:
             InvokeSpec(invoke.inputs, invoke.source, invoke.scope, invoke.function, invoke.future)
             for invoke in invokes
         ]
+        lines = [invoke.line for invoke in invokes]
         for invoke in invokes:
             invoke.scope = {}
             invoke.function = invoke.future = None
@@ -426,6 +434,8 @@ class Tracer:
             if self._own is not None:
                 self._own.tracer = None  # type: ignore[assignment]  # no cycle: garbage-free exit
         del specs, caches
+        if isinstance(failure, ShapeError) and failure.invokes:
+            failure.args = (f"{failure}{_where_made(failure.invokes, lines)}",)
         if failure is not None:
             raise failure.with_traceback(user_traceback(failure.__traceback__))
 
@@ -439,6 +449,12 @@ class Tracer:
             invoke.function = invoke.future = None
         self._invokes = []
         self._caches = []
+
+
+def _where_made(indices: tuple[int, ...], lines: list[tuple[str, int] | None]) -> str:
+    """Where the user made the invokes `indices`, for an error about their inputs."""
+    made = [(index, lines[index]) for index in indices if index < len(lines)]
+    return "".join(f"\n  invoke {index}: {where[0]}:{where[1]}" for index, where in made if where)
 
 
 def _holds_tensor(value: Any) -> bool:

@@ -644,17 +644,12 @@ def test_tiny_root_input_at_bounded_steps(tiny, prompts):
         assert torch.equal(got, want)
 
 
-def test_tiny_positional_mask_with_different_lengths_says_to_pass_it_by_keyword(tiny, prompts):
-    """Padding is done for `attention_mask=`; a mask given positionally would stay unpadded."""
+def test_tiny_positional_mask_with_different_lengths_is_padded_like_a_keyword_one(tiny, prompts):
+    """`tr.invoke(ids, mask)` is named by the forward's signature (input_ids, attention_mask)."""
     a, b = prompts
     model = mediator.Model(tiny)
-    with pytest.raises(mediator.ShapeError, match=r"invoke 0 .*attention_mask=mask\)"):
-        with model.trace() as tr:
-            tr.invoke(a, torch.ones_like(a)).run(lambda: model.output)
-            tr.invoke(b, torch.ones_like(b)).run(lambda: model.output)
-    # the same by keyword: each invoke's logits are those of a solo run at its real tokens
     with model.trace() as tr:
-        got_a = tr.invoke(a, attention_mask=torch.ones_like(a)).run(lambda: model.output)
-        got_b = tr.invoke(b, attention_mask=torch.ones_like(b)).run(lambda: model.output)
+        got_a = tr.invoke(a, torch.ones_like(a)).run(lambda: model.output)
+        got_b = tr.invoke(b, torch.ones_like(b)).run(lambda: model.output)
     torch.testing.assert_close(got_a.result(), tiny(a))
     torch.testing.assert_close(got_b.result()[:, a.shape[1] - b.shape[1] :], tiny(b))
