@@ -89,15 +89,14 @@ def keep_saved_tensors() -> None:
 def refuse_reentrant_writes(interleaver: Interleaver, boundary: Boundary, before: Versions) -> None:
     """After a boundary served with grad off in a trace that builds a graph: if an invoke wrote
     there and the boundary lies inside a reentrant checkpointed region, fail the trace."""
-    writers = _writers(boundary, before)
-    if not writers:
+    if not _wrote(boundary, before):
         return
     checkpointing = _checkpointing_site(interleaver.call.__code__)
     if checkpointing is None:
         return  # a plain no_grad part of the model: no gradient to get wrong
     path = interleaver.paths[checkpointing] if checkpointing >= 0 else ""
     module = f"`{path}`" if path else "the model (its root module)"
-    invokes = ", ".join(str(mediator.index) for mediator in writers)
+    invokes = ", ".join(str(mediator.index) for mediator in _writers(boundary, before))
     raise UsageError(
         f"{boundary.describe()} was written by invoke {invokes}, inside a region that the "
         f"forward of {module} checkpoints (activation checkpointing, torch.utils.checkpoint with "
@@ -132,6 +131,17 @@ def _keep(tensor: torch.Tensor) -> torch.Tensor:
 
 def _kept(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
+
+
+def _wrote(boundary: Boundary, before: Versions) -> bool:
+    """Whether an invoke swapped, skipped or edited in place at `boundary`."""
+    if boundary.skips:
+        return True
+    views = boundary.views
+    for mediator, view in boundary.handed:
+        if views.get(mediator) is not view:
+            return True
+    return any(tensor._version != version for tensor, version in before)
 
 
 def _writers(boundary: Boundary, before: Versions) -> list[Mediator]:

@@ -137,7 +137,8 @@ def trace_grads(
     logits.pow(2).mean().backward()
     assert_untouched(net, hooks=hooks)
     assert not saved_tensor_hooks_left()
-    return [r.detach() for r in read], [r.grad for r in read], param_grads(net)
+    grads = [r.grad if r.retains_grad else None for r in read]
+    return [r.detach() for r in read], grads, param_grads(net)
 
 
 @pytest.mark.parametrize("program", [reads, *WRITES], ids=lambda p: p.__name__)
@@ -428,6 +429,7 @@ def test_write_in_a_plain_no_grad_part_of_the_model_is_not_refused(x):
     assert_same_grads(param_grads(net), want)
 
 
+@pytest.mark.filterwarnings("ignore:None of the inputs have requires_grad")
 @pytest.mark.parametrize("form", FORMS)
 def test_after_the_trace_plain_forward_and_backward_equal_plain_pytorch(x, form):
     net = Checkpointed(FORMS[form])
@@ -442,3 +444,20 @@ def test_after_the_trace_plain_forward_and_backward_equal_plain_pytorch(x, form)
     assert_same_grads(param_grads(net), want)
     assert_untouched(net)
     assert not saved_tensor_hooks_left()
+
+
+def test_a_trace_failing_or_stopped_inside_a_kept_region_leaves_nothing_behind(x):
+    net = Checkpointed(False)
+    model = mediator.Model(net)
+    with pytest.raises(mediator.ShapeError):
+        with model.trace(x):
+            model.layers[0].output  # the region keeps its saved tensors from here on
+            model.layers[1].output = torch.zeros(2, 3)
+    assert not saved_tensor_hooks_left()
+    with model.trace(x) as tr:
+        h = model.layers[1].output
+        tr.stop()
+    assert not saved_tensor_hooks_left()
+    assert_untouched(net)
+    first = torch.tanh(net.layers[0](net.embed(x)))
+    torch.testing.assert_close(h, net.layers[1](first))
