@@ -34,8 +34,10 @@ class UsageError(MediatorError, RuntimeError):
     inputs; `tr.result` read before the trace ran; generation options such as `max_new_tokens`
     given to `model.trace` instead of `model.generate`; `.output` of a container the model never
     calls itself (a `ModuleList`); `break`, `continue`, `return`, `yield` or `await` that would
-    leave a with-body; context managers after the trace in the same `with` statement; and
-    `.run()` given a generator or coroutine function. It is a `RuntimeError` too.
+    leave a with-body; context managers after the trace in the same `with` statement;
+    `.run()` given a generator or coroutine function; and a write (swap, skip, in-place edit)
+    inside a region run under reentrant activation checkpointing while gradients are on
+    (backward would recompute it without the edit). It is a `RuntimeError` too.
 
     Example:
 

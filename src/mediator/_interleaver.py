@@ -76,7 +76,8 @@ Order of a trace (`_run.run_trace` drives it)
        this boundary, then resume each one whose VALUE request is for it. When the baton comes
        back, settle barriers and name waits. A boundary nobody watches costs two list reads and no
        queue traffic; one somebody watches costs what its own events cost, however many
-       invokes wait elsewhere.
+       invokes wait elsewhere. In a trace that builds a graph, a served boundary inside an
+       activation-checkpointed region is handled as `_checkpointing.py` says.
     3. After the forward (`finish`, in `_waits.py` with the other non-boundary requests):
        answer RESULT requests and end open loops (STEP -> `LoopEnd`), in definition order;
        every other open request can no longer be served: resume each blocked mediator with
@@ -116,9 +117,12 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+import torch
+
 from ._batcher import Batcher
 from ._boundary import Boundary
 from ._cache import Cache
+from ._checkpointing import enter_boundary, refuse_reentrant_writes
 from ._errors import MediatorError
 from ._interrupts import model_call_site
 from ._protocol import (
@@ -161,6 +165,7 @@ class Interleaver(Waits):
         self.mediators = mediators
         self.batcher = batcher
         self.total = total
+        self.builds_graph = torch.is_grad_enabled()  # the caller's: checkpointed regions matter
         sites = len(paths)
         self.started = [0] * sites  # calls of each site that began, numbered in that order
         # (site, call) of the calls that began and have not returned, innermost last (a module
@@ -291,6 +296,7 @@ class Interleaver(Waits):
 
     def _serve(self, key: Key, value: Any) -> Boundary:
         boundary = Boundary(self, key, value)
+        versions = enter_boundary(value) if self.builds_graph else None  # `_checkpointing.py`
         self.current = boundary
         due = self.due.pop(key, None)
         if due is not None:
@@ -299,6 +305,8 @@ class Interleaver(Waits):
             self.plan = due
             self._run_plan()
         self.current = None
+        if versions is not None:
+            refuse_reentrant_writes(self, boundary, versions)
         for mediator, view in boundary.handed:
             if not mediator.ended:
                 mediator.watch.keep(key, view)
