@@ -1,9 +1,10 @@
 """The boundary the model thread stands at: its value, and each invoke's view of it.
 
 A Boundary lives while the model thread serves one module input or output. Each invoke sees its
-own rows (`view`, the same object on every read); a swap replaces that view after a shape check;
-`merged` writes every invoke's view back into the full value, without in-place writes, so that
-autograd sees each view on the path from input to loss.
+own rows (`view`, the same object on every read; along the batch dims of the site, `_layouts.py`,
+scaled by the interleaver's `expand`); a swap replaces that view after a shape check; `merged`
+writes every invoke's view back into the full value, without in-place writes, so that autograd
+sees each view on the path from input to loss.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from ._errors import ShapeError
 from ._tree import tensors
 
 if TYPE_CHECKING:
@@ -46,7 +48,15 @@ class Boundary:
         if mediator.rows is None:
             view = self.value = self.merged()
         else:
-            view = il.batcher.narrow(self.value, mediator.rows, il.total)
+            site, kind, _ = self.key
+            try:
+                view = il.batcher.narrow(
+                    self.value, mediator.rows, il.total, il.dims[kind][site], il.expand
+                )
+            except ShapeError as error:
+                raise ShapeError(
+                    f"{self.describe()}, read by {mediator.label()}: {error}"
+                ) from None
             if torch.is_grad_enabled() and _requires_grad(view):
                 self.dirty = True  # so the rest of the forward computes from this very view
         self.views[mediator] = view
@@ -74,7 +84,13 @@ class Boundary:
                 ((m.rows, v) for m, v in self.views.items() if m.rows is not None),
                 key=lambda item: item[0].start,
             )
-            self.value = il.batcher.merge(self.value, views, il.total)
+            site, kind, _ = self.key
+            try:
+                self.value = il.batcher.merge(
+                    self.value, views, il.total, il.dims[kind][site], il.expand
+                )
+            except ShapeError as error:
+                raise ShapeError(f"{self.describe()}: {error}") from None
             self.dirty = False
         return self.value
 

@@ -17,6 +17,7 @@ import torch
 
 from ._batcher import Batcher, Inputs
 from ._errors import ShapeError
+from ._layouts import Dims
 
 
 class CausalLMBatcher(Batcher):
@@ -44,12 +45,12 @@ class CausalLMBatcher(Batcher):
         self.position_ids = position_ids  # whether the model's forward takes `position_ids`
 
     def batch(
-        self, inputs: list[Inputs | None], generate: bool = False
+        self, inputs: list[Inputs | None], generate: bool = False, dims: Dims = None
     ) -> tuple[Inputs, list[slice | None], int]:
         """Batch the invokes' prompts, left-padding them to the longest one when lengths differ
         or a mask is given; for a forward pass (not `generate`) also add `position_ids` computed
-        from the mask, so each prompt gets the positions of a solo run. Returns what
-        `Batcher.batch` returns.
+        from the mask, so each prompt gets the positions of a solo run. `dims` is passed on to
+        `Batcher.batch`, whose return value this is.
 
         Example:
 
@@ -68,7 +69,7 @@ class CausalLMBatcher(Batcher):
         lengths = {entry[1]["input_ids"].shape[1] for entry in given}
         masked = any("attention_mask" in entry[1] for entry in given)
         if len(given) < 2 or (len(lengths) == 1 and not masked):
-            return super().batch(prompts, generate)
+            return super().batch(prompts, generate, dims)
         for index, entry in enumerate(prompts):
             if entry is not None and any(isinstance(arg, torch.Tensor) for arg in entry[0]):
                 raise ShapeError(
@@ -79,7 +80,7 @@ class CausalLMBatcher(Batcher):
                 )
         longest = max(lengths)
         padded = [None if entry is None else self._pad(entry, longest) for entry in prompts]
-        (args, kwargs), rows, total = super().batch(padded, generate)
+        (args, kwargs), rows, total = super().batch(padded, generate, dims)
         if self.position_ids and not generate and "position_ids" not in kwargs:
             mask = kwargs["attention_mask"]
             kwargs["position_ids"] = (mask.long().cumsum(-1) - 1).clamp(min=0)

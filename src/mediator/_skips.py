@@ -95,7 +95,7 @@ def run_skipped(
         for mediator, (value, where) in skips.items():
             partial.swap(mediator, _constant(value), f"{where} (skip)")
         return partial.merged()
-    batcher, total = il.batcher, il.total
+    batcher, total, dims = il.batcher, il.total, il.dims[OUTPUT][key[0]]
     expected = _expected_output(original, args, kwargs)
     output = whole[0] if whole else MISSING
     if expected is MISSING:  # check at least rows and structure: against the joined values
@@ -104,7 +104,7 @@ def run_skipped(
         expected = output
     for mediator, (value, where) in skips.items():
         rows = mediator.rows
-        own = expected if rows is None else batcher.narrow(expected, rows, total)
+        own = expected if rows is None else batcher.narrow(expected, rows, total, dims, il.expand)
         batcher.check_replacement(own, value, f"{il.describe(key)} at {where} (skip)")
     return _join(il, key, parts, skips) if output is MISSING else output
 
@@ -300,7 +300,7 @@ def _join(
     """The skip values joined by the Batcher; a ShapeError names the module, the call and the
     lines of the skips."""
     try:
-        return il.batcher.join(parts, il.total)
+        return il.batcher.join(parts, il.total, il.dims[OUTPUT][key[0]])
     except ShapeError as error:
         lines = "; ".join(
             f"rows {m.rows.start}:{m.rows.stop} at {where}"

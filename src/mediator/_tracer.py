@@ -46,6 +46,7 @@ _GENERATION_OPTIONS = frozenset(
         "max_length",
         "do_sample",
         "num_beams",
+        "num_return_sequences",
         "streamer",
         "generation_config",
         "temperature",
