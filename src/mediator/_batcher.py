@@ -400,6 +400,35 @@ class Batcher:
         return torch.cat(values, dim=dim)
 
 
+def narrow_with(
+    batcher: Batcher, value: Any, rows: slice, total: int, dims: Dims, expand: tuple[int, ...]
+) -> Any:
+    """`batcher.narrow(...)`, passing `dims` and `expand` only where they are not the defaults:
+    a subclass written for `narrow(value, rows, total)` keeps working for the default rule."""
+    if dims is None and not expand:
+        return batcher.narrow(value, rows, total)
+    return batcher.narrow(value, rows, total, dims, expand)
+
+
+def merge_with(
+    batcher: Batcher,
+    full: Any,
+    views: list[tuple[slice, Any]],
+    total: int,
+    dims: Dims,
+    expand: tuple[int, ...],
+) -> Any:
+    """`batcher.merge(...)`, passing `dims` and `expand` only where they are not the defaults."""
+    if dims is None and not expand:
+        return batcher.merge(full, views, total)
+    return batcher.merge(full, views, total, dims, expand)
+
+
+def join_with(batcher: Batcher, parts: list[tuple[slice, Any]], total: int, dims: Dims) -> Any:
+    """`batcher.join(...)`, passing `dims` only where it is not the default."""
+    return batcher.join(parts, total) if dims is None else batcher.join(parts, total, dims)
+
+
 def _leaves(entry: Inputs, keys: list[str]) -> list[Any]:
     """The leaves of an invoke's inputs: positional arguments, then keywords in `keys` order."""
     args, kwargs = entry

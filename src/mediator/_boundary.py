@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from ._batcher import merge_with, narrow_with
 from ._errors import ShapeError
 from ._tree import tensors
 
@@ -50,8 +51,8 @@ class Boundary:
         else:
             site, kind, _ = self.key
             try:
-                view = il.batcher.narrow(
-                    self.value, mediator.rows, il.total, il.dims[kind][site], il.expand
+                view = narrow_with(
+                    il.batcher, self.value, mediator.rows, il.total, il.dims[kind][site], il.expand
                 )
             except ShapeError as error:
                 raise ShapeError(
@@ -86,8 +87,8 @@ class Boundary:
             )
             site, kind, _ = self.key
             try:
-                self.value = il.batcher.merge(
-                    self.value, views, il.total, il.dims[kind][site], il.expand
+                self.value = merge_with(
+                    il.batcher, self.value, views, il.total, il.dims[kind][site], il.expand
                 )
             except ShapeError as error:
                 raise ShapeError(f"{self.describe()}: {error}") from None

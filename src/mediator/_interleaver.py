@@ -114,7 +114,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from ._batcher import Batcher
+from ._batcher import Batcher, narrow_with
 from ._boundary import Boundary
 from ._cache import Cache
 from ._errors import MediatorError
@@ -344,7 +344,7 @@ class Interleaver(Waits):
             own = (
                 value
                 if rows is None
-                else self.batcher.narrow(value, rows, self.total, dims, self.expand)
+                else narrow_with(self.batcher, value, rows, self.total, dims, self.expand)
             )
             cache.record(site, kind == OUTPUT, own)
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from ._batcher import narrow_with
 from ._errors import MediatorError, MissedProviderError
 from ._protocol import (
     BARRIER,
@@ -130,8 +131,8 @@ class Waits:
             )
         if mediator.rows is None:
             return self.result
-        return self.batcher.narrow(
-            self.result, mediator.rows, self.total, self.result_dims, self.expand
+        return narrow_with(
+            self.batcher, self.result, mediator.rows, self.total, self.result_dims, self.expand
         )
 
     def _wake_steps(self, call: int) -> None:

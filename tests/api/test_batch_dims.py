@@ -7,7 +7,7 @@ module run alone on each invoke's inputs (plain calls, or plain `generate` with 
 for the edits).
 """
 
-# ruff: noqa: B018, F841
+# ruff: noqa: B007, B018, F841
 
 from __future__ import annotations
 
@@ -477,3 +477,17 @@ def test_replaced_cache_is_merged_into_its_rows(gpt2):
 
 def _cache_key(output: Any) -> str:
     return "cache" if "cache" in output else "past_key_values"
+
+
+def test_cache_input_of_attention_holds_only_the_invokes_rows(gpt2):
+    """At step 1 the first attention is called with the cache of the prompt's pass."""
+    model = mediator.Model(gpt2)
+    with model.generate(max_new_tokens=2, do_sample=False) as tr:
+        with tr.invoke(PROMPTS[0]):
+            for step in tr.iter[1]:
+                keys1 = model.transformer.h[0].attn.inputs[1]["cache"].layers[0].keys.clone()
+        with tr.invoke(PROMPTS[1]):
+            for step in tr.iter[1]:
+                values2 = model.transformer.h[0].attn.inputs[1]["cache"].layers[0].values.clone()
+    torch.testing.assert_close(keys1, cache_of(gpt2(PROMPTS[0])).layers[0].keys)
+    torch.testing.assert_close(values2, cache_of(gpt2(PROMPTS[1])).layers[0].values)
