@@ -55,7 +55,12 @@ class BatchDims:
     output: Dim | tuple[Dim, ...] = 0
 
     def dims(self) -> tuple[tuple[Dim, ...], tuple[Dim, ...]]:
-        """The layout as `(input dims, output dims)`, each a tuple."""
+        """The layout as `(input dims, output dims)`, each a tuple.
+
+        Example:
+
+            BatchDims(inputs=1, output=(0, None)).dims()  # ((1,), (0, None))
+        """
         return _as_tuple(self.inputs), _as_tuple(self.output)
 
 
