@@ -20,6 +20,7 @@ from ._tree import tensors
 
 if TYPE_CHECKING:
     from ._interleaver import Interleaver
+    from ._layouts import Dims
     from ._mediator import Mediator
     from ._protocol import Key
 
@@ -50,19 +51,24 @@ class Boundary:
             view = self.value = self.merged()
         else:
             site, kind, _ = self.key
-            try:
-                view = narrow_with(
-                    il.batcher, self.value, mediator.rows, il.total, il.dims[kind][site], il.expand
-                )
-            except ShapeError as error:
-                raise ShapeError(
-                    f"{self.describe()}, read by {mediator.label()}: {error}"
-                ) from None
+            dims = il.dims[kind][site]
+            if dims is None and not il.expand:  # the default rule: nothing can fail
+                view = il.batcher.narrow(self.value, mediator.rows, il.total)
+            else:
+                view = self._narrow_by_layout(mediator, mediator.rows, dims)
             if torch.is_grad_enabled() and _requires_grad(view):
                 self.dirty = True  # so the rest of the forward computes from this very view
         self.views[mediator] = view
         self.handed.append((mediator, view))
         return view
+
+    def _narrow_by_layout(self, mediator: Mediator, rows: slice, dims: Dims) -> Any:
+        """`mediator`'s `rows` along the site's batch dims; a ShapeError names the boundary."""
+        il = self.interleaver
+        try:
+            return narrow_with(il.batcher, self.value, rows, il.total, dims, il.expand)
+        except ShapeError as error:
+            raise ShapeError(f"{self.describe()}, read by {mediator.label()}: {error}") from None
 
     def swap(self, mediator: Mediator, apply: Callable[[Any], Any], where: str) -> None:
         """Replace `mediator`'s view by `apply(view)`; raises ShapeError if it does not fit."""
