@@ -320,6 +320,9 @@ class Batcher:
                 )
 
     def _rows_of(self, entry: Inputs, index: int, dims: Dims) -> int:
+        args = entry[0]
+        if dims is None and args and type(args[0]) is torch.Tensor and args[0].dim() > 0:
+            return int(args[0].shape[0])  # the common case, without flattening the inputs
         position = 0
         for leaf in _leaves(entry, list(entry[1])):
             if isinstance(leaf, torch.Tensor):
