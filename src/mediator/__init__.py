@@ -30,10 +30,12 @@ from ._errors import (
     StoppedWarning,
     UsageError,
 )
+from ._layouts import BatchDims
 from ._tracer import Invoke, Tracer
 
 __all__ = [
     "Barrier",
+    "BatchDims",
     "Batcher",
     "CausalLMBatcher",
     "Envoy",

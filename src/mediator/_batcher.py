@@ -1,59 +1,122 @@
 """The Batcher: one batched forward for all invokes of a trace, and each invoke's view of it.
 
-`batch` concatenates the invokes' inputs along dim 0 and gives each invoke its rows. `narrow`
-cuts an invoke's rows out of any value met during the forward (every tensor whose dim 0 is the
-total batch size; others pass whole). `merge` writes the invokes' edited rows back into the full
-value without touching the original in place, so autograd sees every invoke's view on the path
-from input to loss. `join` puts together a full value from the invokes' own values (when each
-skips a call). Subclass it for models that need their own batching (padding, masks).
+`batch` concatenates the invokes' inputs along their batch dimension and gives each invoke its
+rows. `narrow` cuts an invoke's rows out of any value met during the forward, along each tensor's
+batch dimension (`_layouts.py`: declared, known for the module type, or dim 0 when it is the
+total batch size; a value whose rows cannot be told raises `ShapeError`), cache objects included
+(`_kv_cache.py`). `merge` writes the invokes' edited rows back into the full value without
+touching the original in place, so autograd sees every invoke's view on the path from input to
+loss. `join` puts together a full value from the invokes' own values (when each skips a call).
+Rows scale with a known expansion of the batch (`expand`: beam search, several sequences per
+prompt): a tensor with `f * total` rows gives each invoke `f` rows per row of its own. Subclass it
+for models that need their own batching (padding, masks). The Batcher keeps only its overrides.
 """
 
 from __future__ import annotations
 
-import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from functools import partial
+from types import MappingProxyType
 from typing import Any
 
 import torch
+from torch import nn
 
-from ._errors import RowlessValueWarning, ShapeError, UsageError
+from ._errors import ShapeError, UsageError
+from ._kv_cache import cache_tensors, is_cache, merge_cache, narrow_cache
+from ._layouts import BatchDims, BatchDimsSpec, Dims, as_batch_dims, known_dims
+from ._rows import (
+    dim_at,
+    is_batch,
+    join_leaves,
+    merge_cached,
+    merge_rows,
+    narrow_along,
+    narrow_leaf,
+    rows_factor,
+    scaled,
+    without,
+)
 from ._tree import describe, flatten
 
 Inputs = tuple[tuple[Any, ...], dict[str, Any]]
 
 
 class Batcher:
-    """Concatenates invokes' inputs along dim 0 and narrows values back to each invoke's rows.
+    """Concatenates invokes' inputs along the batch dimension and narrows values back to each
+    invoke's rows.
 
-    This is the default for models that are not causal language models. A model that needs its
-    own batching (padding, masks, a batch dimension that is not first) gets a subclass through
-    `mediator.Model(net, batcher=...)`; override `batch`, and `narrow`, `merge`, `join` and
-    `check_replacement` where values are batched differently too.
+    This is the default for models that are not causal language models. Which dimension of a
+    value holds the batch (what is narrowed how):
+
+    - a module declared in `batch_dims` (by path; `""` is the model itself, whose input dims
+      are also those the invokes' inputs are concatenated along): as declared, an int, None
+      (no rows: every invoke sees the whole value), a tuple per tensor leaf, or
+      `mediator.BatchDims(inputs=..., output=...)`; a tensor that does not have the batch
+      size there raises `ShapeError`;
+    - RNN, GRU, LSTM (`nn.RNNBase`): the sequence on dim 0 with `batch_first`, else dim 1;
+      hidden states `[layers * dirs, batch, H]` on dim 1;
+    - a module that holds a sequence-first layer (`batch_first=False`), or runs inside one
+      (other than an RNN): not known, so reading or editing it with several invokes raises
+      `ShapeError`, naming the module, until it is declared;
+    - any other module: a tensor whose dim 0 is the total batch size is batched on dim 0,
+      others are seen whole by every invoke (a constant, a mask shared by all rows);
+    - cache objects (`transformers` `DynamicCache` and the like): dim 0 of their key and value
+      tensors; an invoke's view is a cache of the same type over its rows, so in-place edits
+      reach its rows only;
+    - a batch expanded by a known factor (beam search, `num_return_sequences` in `generate`):
+      a tensor with `f * total` rows on its batch dim gives each invoke its `f` rows per row.
+
+    Override `layout` to decide per module in code, or `batch`, `narrow`, `merge`, `join` and
+    `check_replacement` for models batched differently still (padding, masks).
 
     Example:
 
+        model = mediator.Model(net, batcher=mediator.Batcher(batch_dims={"encoder.proj": 1}))
+
         class PadRight(mediator.Batcher):
-            def batch(self, inputs, generate=False):
+            def batch(self, inputs, generate=False, dims=None):
                 width = max(entry[0][0].shape[1] for entry in inputs if entry is not None)
                 padded = [
                     None if entry is None else ((pad_to(entry[0][0], width),), entry[1])
                     for entry in inputs
                 ]
-                return super().batch(padded, generate)
+                return super().batch(padded, generate, dims)
 
         model = mediator.Model(net, batcher=PadRight())
     """
 
+    batch_dims: Mapping[str, BatchDims] = MappingProxyType({})
+
+    def __init__(self, batch_dims: Mapping[str, BatchDimsSpec] | None = None) -> None:
+        self.batch_dims = {path: as_batch_dims(spec) for path, spec in (batch_dims or {}).items()}
+
+    def layout(self, path: str, module: nn.Module) -> BatchDims | None:
+        """Where the values of the module at `path` hold the batch, or None for the default
+        rule (dim 0 where it is the total batch size). Called once per module when a `Model`
+        wraps it: the declared `batch_dims`, else the module types the library knows.
+
+        Example:
+
+            class StatesOnDim1(mediator.Batcher):
+                def layout(self, path, module):
+                    if isinstance(module, MyStateful):
+                        return mediator.BatchDims(inputs=0, output=1)
+                    return super().layout(path, module)
+        """
+        declared = self.batch_dims.get(path)
+        return declared if declared is not None else known_dims(module)
+
     def batch(
-        self, inputs: list[Inputs | None], generate: bool = False
+        self, inputs: list[Inputs | None], generate: bool = False, dims: Dims = None
     ) -> tuple[Inputs, list[slice | None], int]:
         """Batch the inputs of every invoke (None for an empty invoke); `generate` says whether
-        they go to the module's `generate` rather than its forward.
+        they go to the module's `generate` rather than its forward, `dims` where the model's
+        inputs hold the batch (`_layouts.Dims` of the model itself; None: dim 0).
 
         Returns the batched `(args, kwargs)`, each invoke's rows (`None` for "the whole batch")
         and the total batch size. Raises `UsageError` when no invoke has inputs, and
-        `ShapeError` when the inputs cannot be concatenated.
+        `ShapeError` when the inputs cannot be concatenated or their batch dim is not known.
 
         Example:
 
@@ -68,15 +131,21 @@ class Batcher:
                 "no invoke of this trace has inputs: pass them to model.trace(x) or to "
                 "tr.invoke(x) in at least one invoke"
             )
+        if isinstance(dims, str):
+            if len(given) == 1:
+                dims = None  # nothing is concatenated, and one invoke's values are not narrowed
+            else:
+                raise ShapeError(f"cannot batch the invokes' inputs: the model {dims}")
         if len(given) == 1:
-            return given[0][1], [None] * len(inputs), self._rows_of(given[0][1], given[0][0])
-        sizes = [self._rows_of(entry, index) for index, entry in given]
+            return given[0][1], [None] * len(inputs), self._rows_of(given[0][1], given[0][0], dims)
+        sizes = [self._rows_of(entry, index, dims) for index, entry in given]
         rows: list[slice | None] = [None] * len(inputs)
         start = 0
         for (index, _), size in zip(given, sizes, strict=False):
             rows[index] = slice(start, start + size)
             start += size
-        return self._concatenate([entry for _, entry in given], [i for i, _ in given]), rows, start
+        entries, indices = [entry for _, entry in given], [i for i, _ in given]
+        return self._concatenate(entries, indices, dims), rows, start
 
     def name_inputs(
         self, call: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
@@ -103,30 +172,63 @@ class Batcher:
         """
         return self
 
-    def narrow(self, value: Any, rows: slice, total: int) -> Any:
+    def narrow(
+        self,
+        value: Any,
+        rows: slice,
+        total: int,
+        dims: Dims = None,
+        expand: tuple[int, ...] = (),
+    ) -> Any:
         """The part of `value` that belongs to `rows` (views, no copies).
 
-        Every tensor in `value` (also inside tuples, lists, dicts and dataclasses) whose dim 0
-        is `total` is cut to `rows`; other leaves are kept whole. A 0-dim tensor has no rows:
-        handing it to one invoke of several warns (`RowlessValueWarning`).
+        Every tensor in `value` (also inside tuples, lists, dicts, dataclasses and cache
+        objects) is cut to `rows` along its batch dimension: per `dims` (a `_layouts.Dims`:
+        None is the default rule, dim 0 where it is `total`); a tensor with `f * total` rows
+        there, `f` in `expand`, is cut to the `f` rows of each of `rows`. Leaves without rows
+        are kept whole. Raises `ShapeError` where `dims` says the rows cannot be told, or a
+        declared batch dim does not have the batch size.
 
         Example:
 
             h = torch.randn(3, 8)
             first = batcher.narrow(h, slice(0, 1), total=3)         # h[0:1], a view
             pair = batcher.narrow((h, mask), slice(1, 3), total=3)  # (h[1:3], mask[1:3])
+            states = batcher.narrow(torch.randn(2, 3, 8), slice(1, 3), 3, dims=(1,))  # [:, 1:3]
         """
-        if isinstance(value, torch.Tensor):
-            return _narrow_leaf(value, rows, total)
+        if dims is None and not expand and isinstance(value, torch.Tensor):
+            return narrow_leaf(value, rows, total)
         leaves, rebuild = flatten(value)
-        return rebuild([_narrow_leaf(leaf, rows, total) for leaf in leaves])
+        new = []
+        position = 0
+        for leaf in leaves:
+            if isinstance(leaf, torch.Tensor):
+                dim = dim_at(dims, position, value)
+                position += 1
+                new.append(narrow_along(leaf, dim, rows, total, expand, dims is not None))
+            elif is_cache(leaf):
+                dim_at(dims, position, value)  # a cache under unknown dims is not known either
+                narrow = partial(narrow_along, dim=0, rows=rows, total=total, expand=expand)
+                new.append(narrow_cache(leaf, partial(narrow, declared=False)))
+            else:
+                new.append(leaf)
+        return rebuild(new)
 
-    def merge(self, full: Any, views: list[tuple[slice, Any]], total: int) -> Any:
+    def merge(
+        self,
+        full: Any,
+        views: list[tuple[slice, Any]],
+        total: int,
+        dims: Dims = None,
+        expand: tuple[int, ...] = (),
+    ) -> Any:
         """Rebuild `full` from each invoke's (possibly replaced) view of its rows.
 
-        `views` lists `(rows, view)` for the invokes that hold a view, in row order.
-        The result is a new value: `full` is not written to in place, so autograd sees every
-        view on the path to the loss. Leaves that are not batched take an invoke's replacement.
+        `views` lists `(rows, view)` for the invokes that hold a view, in row order; `dims`
+        and `expand` are those `narrow` took. The result is a new value: `full` is not written
+        to in place, so autograd sees every view on the path to the loss. Leaves that are not
+        batched take an invoke's replacement. A cache object is the model's state: it stays
+        the same object, and a tensor an invoke replaced in it is merged in (out of place).
 
         Example:
 
@@ -134,30 +236,44 @@ class Batcher:
             new = batcher.merge(h, [(slice(0, 1), torch.ones(1, 8))], total=3)
             # new[0] is all ones, new[1:] all zeros; h is unchanged
         """
-        if isinstance(full, torch.Tensor):
-            return _merge_rows(full, views) if _is_batch(full, total) else full
+        if dims is None and not expand and isinstance(full, torch.Tensor):
+            return merge_rows(full, views, 0) if is_batch(full, total) else full
         full_leaves, rebuild = flatten(full)
         view_leaves = [(rows, flatten(view)[0]) for rows, view in views]
         merged = []
-        for position, leaf in enumerate(full_leaves):
-            if _is_batch(leaf, total):
-                merged.append(_merge_rows(leaf, [(rows, ls[position]) for rows, ls in view_leaves]))
-            else:
-                for _, leaves in view_leaves:
-                    if leaves[position] is not full_leaves[position]:
-                        leaf = leaves[position]
+        position = 0
+        for index, leaf in enumerate(full_leaves):
+            if isinstance(leaf, torch.Tensor):
+                dim = dim_at(dims, position, full)
+                position += 1
+                factor = rows_factor(leaf, dim, total, expand, dims is not None)
+                if factor is not None and dim is not None:
+                    parts = [(scaled(rows, factor), ls[index]) for rows, ls in view_leaves]
+                    merged.append(merge_rows(leaf, parts, dim))
+                    continue
+            elif is_cache(leaf):
+                for rows, leaves in view_leaves:
+                    if leaves[index] is not leaf:
+                        merge_cache(leaf, leaves[index], partial(merge_cached, rows, total, expand))
                 merged.append(leaf)
+                continue
+            for _, leaves in view_leaves:
+                if leaves[index] is not full_leaves[index]:
+                    leaf = leaves[index]
+            merged.append(leaf)
         return rebuild(merged)
 
-    def join(self, parts: list[tuple[slice, Any]], total: int) -> Any:
+    def join(self, parts: list[tuple[slice, Any]], total: int, dims: Dims = None) -> Any:
         """The full value made of the invokes' own values for their rows, the inverse of
         `narrow`: used for a call that every invoke skips (`.skip(v)`).
 
         `parts` lists `(rows, value)` in row order, covering all `total` rows. A tensor whose
-        first dimension is its part's number of rows in every part is concatenated along dim 0;
-        one of the same shape in every part is not batched (`narrow` hands it whole to every
-        invoke), and it and the other leaves are taken from the first part. Raises `ShapeError`
-        when the values differ in structure or a tensor fits neither case.
+        batch dimension (per `dims`, as in `narrow`; dim 0 by default) is its part's number of
+        rows in every part is concatenated along it; one of the same shape in every part is
+        not batched (`narrow` hands it whole to every invoke), and it and the other leaves are
+        taken from the first part. Raises `ShapeError` when the values differ in structure, a
+        tensor fits neither case, or a value holds a cache object (its rows are the model's
+        state, not the invokes' values).
 
         Example:
 
@@ -177,13 +293,25 @@ class Batcher:
                     f"for rows {first_rows.start}:{first_rows.stop} {describe(first)}; give every "
                     "invoke a value of the same structure"
                 )
-        return flatten(first)[1](
-            [_join_leaves(column, parts) for column in zip(*flat, strict=True)]
-        )
+        if any(is_cache(leaf) for leaf in flat[0]):
+            raise ShapeError(
+                f"the skip values hold a {describe(next(x for x in flat[0] if is_cache(x)))}: a "
+                "cache cannot be put together from the invokes' values; let the call run in at "
+                "least one invoke and replace its output there"
+            )
+        joined = []
+        position = 0
+        for column in zip(*flat, strict=True):
+            dim: int | None = 0
+            if isinstance(column[0], torch.Tensor):
+                dim = dim_at(dims, position, first)
+                position += 1
+            joined.append(column[0] if dim is None else join_leaves(column, parts, dim))
+        return flatten(first)[1](joined)
 
     def check_replacement(self, old: Any, new: Any, where: str) -> None:
         """Raise ShapeError unless `new` can stand where `old` stood (same structure, shapes,
-        dtypes and devices of its tensors).
+        dtypes and devices of its tensors, also those inside cache objects).
 
         Called for every `.output = v`, `.inputs = ...`, `.input = v` and `.skip(v)`; `where`
         names the module and the user's line in the error message.
@@ -211,20 +339,29 @@ class Batcher:
         for old_leaf, new_leaf in zip(old_leaves, new_leaves, strict=False):
             if isinstance(old_leaf, torch.Tensor):
                 self.check_replacement(old_leaf, new_leaf, where)
+            elif is_cache(old_leaf) and new_leaf is not old_leaf:
+                self.check_replacement(
+                    cache_tensors(old_leaf), _tensors_of_cache(new_leaf, old_leaf, where), where
+                )
 
-    def _rows_of(self, entry: Inputs, index: int) -> int:
+    def _rows_of(self, entry: Inputs, index: int, dims: Dims) -> int:
         args = entry[0]
-        if args and isinstance(args[0], torch.Tensor) and args[0].dim() > 0:
-            return int(args[0].shape[0])
+        if dims is None and args and type(args[0]) is torch.Tensor and args[0].dim() > 0:
+            return int(args[0].shape[0])  # the common case, without flattening the inputs
+        position = 0
         for leaf in _leaves(entry, list(entry[1])):
-            if isinstance(leaf, torch.Tensor) and leaf.dim() > 0:
-                return int(leaf.shape[0])
+            if isinstance(leaf, torch.Tensor):
+                dim = dim_at(dims, position, entry)
+                position += 1
+                if dim is not None and leaf.dim() > dim:
+                    return int(leaf.shape[dim])
         raise UsageError(
-            f"invoke {index} has inputs but no tensor among them: the batch size is the first "
-            "dimension of the first tensor input"
+            f"invoke {index} has inputs but no tensor with a batch dimension among them: the "
+            "batch size is the batch dimension (the first, unless declared) of the first "
+            "tensor input"
         )
 
-    def _concatenate(self, entries: list[Inputs], indices: list[int]) -> Inputs:
+    def _concatenate(self, entries: list[Inputs], indices: list[int], dims: Dims) -> Inputs:
         first_args, first_kwargs = entries[0]
         for entry, index in zip(entries[1:], indices[1:], strict=False):
             args, kwargs = entry
@@ -237,10 +374,15 @@ class Batcher:
                 )
         keys = list(first_kwargs)
         columns = list(zip(*(_leaves(entry, keys) for entry in entries), strict=False))
-        batched = [
-            self._concatenate_column(column, indices, partial(_leaf_name, entries[0], keys, i))
-            for i, column in enumerate(columns)
-        ]
+        batched = []
+        position = 0
+        for i, column in enumerate(columns):
+            dim: int | None = 0
+            if isinstance(column[0], torch.Tensor):
+                dim = dim_at(dims, position, entries[0])
+                position += 1
+            name_of = partial(_leaf_name, entries[0], keys, i)
+            batched.append(self._concatenate_column(column, indices, name_of, dim))
         if not keys and all(type(arg) is torch.Tensor for arg in first_args):
             return tuple(batched), {}
         _, rebuild = flatten((first_args, first_kwargs))
@@ -248,42 +390,75 @@ class Batcher:
         return tuple(args), dict(kwargs)
 
     def _concatenate_column(
-        self, values: tuple[Any, ...], indices: list[int], name_of: Callable[[], str]
+        self,
+        values: tuple[Any, ...],
+        indices: list[int],
+        name_of: Callable[[], str],
+        dim: int | None = 0,
     ) -> Any:
         first = values[0]
-        if not isinstance(first, torch.Tensor):
+        if not isinstance(first, torch.Tensor) or dim is None:
             for value, index in zip(values[1:], indices[1:], strict=False):
-                if isinstance(value, torch.Tensor) or value != first:
+                if not _same_constant(first, value):
                     raise ShapeError(
-                        f"cannot batch {name_of()}: invoke {indices[0]} passes {first!r} and "
-                        f"invoke {index} passes {value!r}; inputs that are not tensors must be "
-                        "equal",
+                        f"cannot batch {name_of()}: invoke {indices[0]} passes {_shown(first)} "
+                        f"and invoke {index} passes {_shown(value)}; inputs that are not "
+                        "tensors, or have no rows, must be equal",
                         invokes=(indices[0], index),
                     )
             return first
         dtype = first.dtype  # torch.cat would promote mixed dtypes silently: check them first
         if all(type(value) is torch.Tensor and value.dtype is dtype for value in values):
             try:
-                return torch.cat(values, dim=0)
-            except RuntimeError:
+                return torch.cat(values, dim=dim)
+            except (RuntimeError, IndexError):
                 pass  # shapes, dimensions or devices differ: explain which invoke's below
-        trailing = (first.shape[1:], first.dtype, first.device)
+        trailing = (without(first, dim), first.dtype, first.device)
         for value, index in zip(values, indices, strict=False):
-            if not isinstance(value, torch.Tensor) or value.dim() == 0:
+            if not isinstance(value, torch.Tensor) or value.dim() <= dim:
                 raise ShapeError(
                     f"cannot batch {name_of()}: invoke {index} passes {describe(value)}; batched "
-                    "inputs must be tensors with a batch dimension first",
+                    f"inputs must be tensors with a batch dimension (dim {dim})",
                     invokes=(index,),
                 )
-            if (value.shape[1:], value.dtype, value.device) != trailing:
+            if (without(value, dim), value.dtype, value.device) != trailing:
                 raise ShapeError(
                     f"cannot batch {name_of()}: invoke {indices[0]} passes {describe(first)} and "
-                    f"invoke {index} passes {describe(value)}; all dimensions but the first, "
-                    "the dtype and the device must agree (pad to one length, or trace them "
-                    "separately)",
+                    f"invoke {index} passes {describe(value)}; all dimensions but the batch "
+                    f"dimension (dim {dim}), the dtype and the device must agree (pad to one "
+                    "length, or trace them separately)",
                     invokes=(indices[0], index),
                 )
-        return torch.cat(values, dim=0)
+        return torch.cat(values, dim=dim)
+
+
+def narrow_with(
+    batcher: Batcher, value: Any, rows: slice, total: int, dims: Dims, expand: tuple[int, ...]
+) -> Any:
+    """`batcher.narrow(...)`, passing `dims` and `expand` only where they are not the defaults:
+    a subclass written for `narrow(value, rows, total)` keeps working for the default rule."""
+    if dims is None and not expand:
+        return batcher.narrow(value, rows, total)
+    return batcher.narrow(value, rows, total, dims, expand)
+
+
+def merge_with(
+    batcher: Batcher,
+    full: Any,
+    views: list[tuple[slice, Any]],
+    total: int,
+    dims: Dims,
+    expand: tuple[int, ...],
+) -> Any:
+    """`batcher.merge(...)`, passing `dims` and `expand` only where they are not the defaults."""
+    if dims is None and not expand:
+        return batcher.merge(full, views, total)
+    return batcher.merge(full, views, total, dims, expand)
+
+
+def join_with(batcher: Batcher, parts: list[tuple[slice, Any]], total: int, dims: Dims) -> Any:
+    """`batcher.join(...)`, passing `dims` only where it is not the default."""
+    return batcher.join(parts, total) if dims is None else batcher.join(parts, total, dims)
 
 
 def _leaves(entry: Inputs, keys: list[str]) -> list[Any]:
@@ -313,70 +488,25 @@ def _signature(entry: Inputs) -> str:
     return f"{len(args)} positional, keywords {sorted(kwargs)}"
 
 
-def _is_batch(leaf: Any, total: int) -> bool:
-    return isinstance(leaf, torch.Tensor) and leaf.dim() > 0 and leaf.shape[0] == total
+def _same_constant(first: Any, value: Any) -> bool:
+    """Whether an input without rows is the same in two invokes (tensors: equal values)."""
+    if isinstance(first, torch.Tensor) or isinstance(value, torch.Tensor):
+        return (
+            isinstance(first, torch.Tensor)
+            and isinstance(value, torch.Tensor)
+            and (value is first or (first.shape == value.shape and bool(torch.equal(first, value))))
+        )
+    return bool(value == first)
 
 
-def _narrow_leaf(leaf: Any, rows: slice, total: int) -> Any:
-    if _is_batch(leaf, total):
-        return leaf[rows]
-    if isinstance(leaf, torch.Tensor) and leaf.dim() == 0:
-        warn_rowless(leaf, rows, total)
-    return leaf
+def _shown(value: Any) -> str:
+    return describe(value) if isinstance(value, torch.Tensor) else repr(value)
 
 
-def warn_rowless(leaf: torch.Tensor, rows: slice, total: int) -> None:
-    """Warn that the invoke of `rows` is handed `leaf`, a value of the whole batch."""
-    warnings.warn(
-        f"the invoke of rows {rows.start}:{rows.stop} (of {total}) reads a value with no batch "
-        f"rows, {describe(leaf)} (a batch-reduced scalar such as a loss): it is computed from "
-        "every invoke's rows, not this invoke's own. Compute it from this invoke's own rows "
-        "(e.g. a loss from its logits), read it in an invoke without inputs (tr.invoke()), "
-        "which sees the whole batch, or trace the invoke alone",
-        RowlessValueWarning,
-        stacklevel=2,
-    )
-
-
-def _join_leaves(column: tuple[Any, ...], parts: list[tuple[slice, Any]]) -> Any:
-    """One leaf of `Batcher.join` from the parts' leaves at one position."""
-    first = column[0]
-    if not isinstance(first, torch.Tensor):
-        return first
-    sizes = [rows.stop - rows.start for rows, _ in parts]
-    batched = all(_is_batch(leaf, size) for leaf, size in zip(column, sizes, strict=True))
-    if not batched and all(leaf.shape == first.shape for leaf in column):
-        return first  # not batched: every invoke's view holds it whole
-    trailing = (first.shape[1:], first.dtype, first.device)
-    for leaf, size, (rows, _) in zip(column, sizes, parts, strict=True):
-        part = f"the value for rows {rows.start}:{rows.stop}"
-        if not _is_batch(leaf, size):
-            raise ShapeError(
-                f"{part} holds {describe(leaf)}; its first dimension must be the invoke's number "
-                f"of rows, {size}"
-            )
-        if (leaf.shape[1:], leaf.dtype, leaf.device) != trailing:
-            first_rows = parts[0][0]
-            raise ShapeError(
-                f"{part} holds {describe(leaf)} and the one for rows {first_rows.start}:"
-                f"{first_rows.stop} {describe(first)}; they must agree in every dimension but "
-                "the first, in dtype and in device"
-            )
-    return torch.cat(column, dim=0)
-
-
-def _merge_rows(leaf: torch.Tensor, views: list[tuple[slice, Any]]) -> Any:
-    """A new tensor: `leaf` with each `(rows, view)` written over its rows (out of place)."""
-    if len(views) == 1:
-        rows, view = views[0]
-        return torch.slice_scatter(leaf, view, 0, rows.start, rows.stop)
-    parts = []
-    covered = 0
-    for rows, view in views:
-        if rows.start > covered:
-            parts.append(leaf[covered : rows.start])
-        parts.append(view)
-        covered = rows.stop
-    if covered < leaf.shape[0]:
-        parts.append(leaf[covered:])
-    return torch.cat(parts, dim=0)
+def _tensors_of_cache(new: Any, old: Any, where: str) -> list[torch.Tensor]:
+    if type(new) is not type(old):
+        raise ShapeError(
+            f"{where}: got {describe(new)}, expected {describe(old)}; replace a cache with one "
+            "of its type"
+        )
+    return cache_tensors(new)

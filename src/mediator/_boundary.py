@@ -1,9 +1,10 @@
 """The boundary the model thread stands at: its value, and each invoke's view of it.
 
 A Boundary lives while the model thread serves one module input or output. Each invoke sees its
-own rows (`view`, the same object on every read); a swap replaces that view after a shape check;
-`merged` writes every invoke's view back into the full value, without in-place writes, so that
-autograd sees each view on the path from input to loss.
+own rows (`view`, the same object on every read; along the batch dims of the site, `_layouts.py`,
+scaled by the interleaver's `expand`); a swap replaces that view after a shape check; `merged`
+writes every invoke's view back into the full value, without in-place writes, so that autograd
+sees each view on the path from input to loss.
 """
 
 from __future__ import annotations
@@ -13,10 +14,13 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from ._batcher import merge_with, narrow_with
+from ._errors import ShapeError
 from ._tree import tensors
 
 if TYPE_CHECKING:
     from ._interleaver import Interleaver
+    from ._layouts import Dims
     from ._mediator import Mediator
     from ._protocol import Key
 
@@ -46,12 +50,25 @@ class Boundary:
         if mediator.rows is None:
             view = self.value = self.merged()
         else:
-            view = il.batcher.narrow(self.value, mediator.rows, il.total)
+            site, kind, _ = self.key
+            dims = il.dims[kind][site]
+            if dims is None and not il.expand:  # the default rule: nothing can fail
+                view = il.batcher.narrow(self.value, mediator.rows, il.total)
+            else:
+                view = self._narrow_by_layout(mediator, mediator.rows, dims)
             if torch.is_grad_enabled() and _requires_grad(view):
                 self.dirty = True  # so the rest of the forward computes from this very view
         self.views[mediator] = view
         self.handed.append((mediator, view))
         return view
+
+    def _narrow_by_layout(self, mediator: Mediator, rows: slice, dims: Dims) -> Any:
+        """`mediator`'s `rows` along the site's batch dims; a ShapeError names the boundary."""
+        il = self.interleaver
+        try:
+            return narrow_with(il.batcher, self.value, rows, il.total, dims, il.expand)
+        except ShapeError as error:
+            raise ShapeError(f"{self.describe()}, read by {mediator.label()}: {error}") from None
 
     def swap(self, mediator: Mediator, apply: Callable[[Any], Any], where: str) -> None:
         """Replace `mediator`'s view by `apply(view)`; raises ShapeError if it does not fit."""
@@ -74,7 +91,13 @@ class Boundary:
                 ((m.rows, v) for m, v in self.views.items() if m.rows is not None),
                 key=lambda item: item[0].start,
             )
-            self.value = il.batcher.merge(self.value, views, il.total)
+            site, kind, _ = self.key
+            try:
+                self.value = merge_with(
+                    il.batcher, self.value, views, il.total, il.dims[kind][site], il.expand
+                )
+            except ShapeError as error:
+                raise ShapeError(f"{self.describe()}: {error}") from None
             self.dirty = False
         return self.value
 

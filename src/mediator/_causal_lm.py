@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from ._batcher import Batcher, Inputs
+from ._layouts import Dims
 from ._lm_inputs import Prompt, check_alike, keyword_inputs, normalise, pad
 from ._lm_loss import LossFunction, PerInvokeLoss, next_token_loss
 
@@ -87,13 +88,14 @@ class CausalLMBatcher(Batcher):
         return keyword_inputs(call, args, kwargs)
 
     def batch(
-        self, inputs: list[Inputs | None], generate: bool = False
+        self, inputs: list[Inputs | None], generate: bool = False, dims: Dims = None
     ) -> tuple[Inputs, list[slice | None], int]:
         """Batch the invokes' prompts, left-padding them to the longest one when they differ in
         length or in the inputs they pass; for a forward pass (not `generate`) also add each
-        row's own `position_ids`. Returns what `Batcher.batch` returns; raises ShapeError naming
-        the invoke and the input for inputs that cannot be batched (token ids in one invoke and
-        embeddings in another, a per-token input of another length than its tokens).
+        row's own `position_ids`. `dims` is passed on to `Batcher.batch`, whose return value
+        this is; raises ShapeError naming the invoke and the input for inputs that cannot be
+        batched (token ids in one invoke and embeddings in another, a per-token input of another
+        length than its tokens).
 
         Example:
 
@@ -108,7 +110,7 @@ class CausalLMBatcher(Batcher):
         prompts = [None if entry is None else normalise(entry, i) for i, entry in enumerate(inputs)]
         given = [prompt for prompt in prompts if prompt is not None]
         if len(given) < 2 or _alike(given):
-            return super().batch([_unpadded(prompt) for prompt in prompts], generate)
+            return super().batch([_unpadded(p) for p in prompts], generate, dims)
         check_alike(given)
         longest = max(prompt.length for prompt in given)
         positions = self.positions if self.position_ids and not generate else None
@@ -117,7 +119,7 @@ class CausalLMBatcher(Batcher):
             None if prompt is None else pad(prompt, longest, self.pad_token_id, positions, labels)
             for prompt in prompts
         ]
-        return super().batch(padded, generate)
+        return super().batch(padded, generate, dims)
 
     def for_run(self, batched: Inputs) -> Batcher:
         """With `labels` in the batch, a batcher that gives each invoke its own loss.

@@ -119,12 +119,13 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ._batcher import Batcher
+from ._batcher import Batcher, narrow_with
 from ._boundary import Boundary
 from ._cache import Cache
 from ._checkpointing import enter_boundary, refuse_reentrant_writes
 from ._errors import MediatorError
 from ._interrupts import model_call_site
+from ._layouts import Dims
 from ._protocol import (
     INPUT,
     KIND_NAMES,
@@ -160,12 +161,19 @@ class Interleaver(Waits):
         mediators: list[Mediator],
         batcher: Batcher,
         total: int,
+        dims: tuple[list[Dims], list[Dims]] | None = None,
+        expand: tuple[int, ...] = (),
+        result_dims: Dims = None,
     ) -> None:
         self.paths = paths
         self.mediators = mediators
         self.batcher = batcher
         self.total = total
         self.builds_graph = torch.is_grad_enabled()  # the caller's: checkpointed regions matter
+        # INPUT/OUTPUT -> site -> where its values hold the batch (`_layouts.py`)
+        self.dims = dims or ([None] * len(paths), [None] * len(paths))
+        self.expand = expand  # known factors the batch grows by (beam search: `_expansion.py`)
+        self.result_dims = result_dims
         sites = len(paths)
         self.started = [0] * sites  # calls of each site that began, numbered in that order
         # (site, call) of the calls that began and have not returned, innermost last (a module
@@ -342,12 +350,13 @@ class Interleaver(Waits):
                 continue
             if value is None:
                 value = boundary.merged()
-            rows = cache.rows
-            cache.record(
-                site,
-                kind == OUTPUT,
-                value if rows is None else self.batcher.narrow(value, rows, self.total),
+            rows, dims = cache.rows, self.dims[kind][site]
+            own = (
+                value
+                if rows is None
+                else narrow_with(self.batcher, value, rows, self.total, dims, self.expand)
             )
+            cache.record(site, kind == OUTPUT, own)
 
     def _apply_ops(self, mediator: Mediator, boundary: Boundary) -> MediatorError | None:
         """Apply `mediator`'s swaps and skips for `boundary`, in the order it made them; return

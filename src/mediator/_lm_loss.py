@@ -17,7 +17,8 @@ from typing import Any
 import torch
 from torch.nn import functional
 
-from ._batcher import Batcher, Inputs
+from ._batcher import Batcher, Inputs, join_with, merge_with, narrow_with
+from ._layouts import Dims
 from ._lm_inputs import IGNORE_INDEX
 
 LossFunction = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -50,30 +51,39 @@ class PerInvokeLoss(Batcher):
         self.labels = labels
         self.loss = loss
 
-    def narrow(self, value: Any, rows: slice, total: int) -> Any:
+    def narrow(
+        self, value: Any, rows: slice, total: int, dims: Dims = None, expand: tuple[int, ...] = ()
+    ) -> Any:
         """`value` narrowed to `rows`; a model output holding a loss gets the loss of `rows`
         (None for an invoke that passed no labels)."""
         if not _holds_loss(value, total):
-            return self.batcher.narrow(value, rows, total)
-        own = self.batcher.narrow(_without_loss(value), rows, total)
+            return narrow_with(self.batcher, value, rows, total, dims, expand)
+        own = narrow_with(self.batcher, _without_loss(value), rows, total, dims, expand)
         labels = self.labels[rows]
         labelled = bool((labels[:, 1:] != IGNORE_INDEX).any())
         own["loss"] = self.loss(own["logits"], labels) if labelled else None
         return own
 
-    def merge(self, full: Any, views: list[tuple[slice, Any]], total: int) -> Any:
+    def merge(
+        self,
+        full: Any,
+        views: list[tuple[slice, Any]],
+        total: int,
+        dims: Dims = None,
+        expand: tuple[int, ...] = (),
+    ) -> Any:
         """`batcher.merge`; the merged output keeps the batch's loss, not an invoke's."""
         if _holds_loss(full, total):
             views = [(rows, _with_loss(view, full["loss"])) for rows, view in views]
-        return self.batcher.merge(full, views, total)
+        return merge_with(self.batcher, full, views, total, dims, expand)
 
     def batch(
-        self, inputs: list[Inputs | None], generate: bool = False
+        self, inputs: list[Inputs | None], generate: bool = False, dims: Dims = None
     ) -> tuple[Inputs, list[slice | None], int]:
-        return self.batcher.batch(inputs, generate)
+        return self.batcher.batch(inputs, generate, dims)
 
-    def join(self, parts: list[tuple[slice, Any]], total: int) -> Any:
-        return self.batcher.join(parts, total)
+    def join(self, parts: list[tuple[slice, Any]], total: int, dims: Dims = None) -> Any:
+        return join_with(self.batcher, parts, total, dims)
 
     def check_replacement(self, old: Any, new: Any, where: str) -> None:
         self.batcher.check_replacement(old, new, where)

@@ -34,6 +34,7 @@ from ._batcher import Inputs
 from ._body import make_body
 from ._cache import Cache
 from ._errors import MediatorError, MissedProviderError, UsageError
+from ._expansion import generation_expansion
 from ._frames import UNBOUND, write_names
 from ._interleaver import Interleaver
 from ._interrupts import model_call_site, route_sigint, unroute_sigint
@@ -94,15 +95,22 @@ def run_trace(
         with Releases() as release:
             release.on_exit(_settle, outcome, invokes, frame)
             generate = method == "generate"
-            batched, rows, total = traced.batcher.batch([i.inputs for i in invokes], generate)
+            batched, rows, total = _batch(traced, [i.inputs for i in invokes], generate)
             args, kwargs = batched[0], _with_options(batched[1], options)
             state = TorchState.capture()
             names = _Names(invokes) if len(invokes) > 1 else None
             for index, spec in enumerate(invokes):
                 built = _build_mediator(owner, spec, index, rows[index], state, names, globals_)
                 outcome.mediators.append(built)
-            batcher = traced.batcher.for_run(batched)
-            interleaver = Interleaver(traced.paths, outcome.mediators, batcher, total)
+            interleaver = Interleaver(
+                traced.paths,
+                outcome.mediators,
+                traced.batcher.for_run(batched),
+                total,
+                traced.dims,
+                generation_expansion(traced.module, kwargs) if generate else (),
+                None if generate or not traced.paths or traced.paths[0] else traced.dims[1][0],
+            )
             outcome.interleaver = interleaver
             release.call(_close, outcome, interleaver)
             for cache in caches:
@@ -124,6 +132,17 @@ def run_trace(
     except BaseException as error:  # noqa: BLE001 - returned, and raised by the caller
         outcome.failure = outcome.failure or error
     return outcome.failure, outcome.output, outcome.handoffs
+
+
+def _batch(
+    traced: Traced, inputs: list[Inputs | None], generate: bool
+) -> tuple[Inputs, list[slice | None], int]:
+    """The invokes' inputs batched along the model's input batch dims (when it has a forward of
+    its own, they are not the default, and the call is the forward)."""
+    dims = traced.dims[0][0] if traced.paths and not traced.paths[0] else None
+    if dims is None or generate:
+        return traced.batcher.batch(inputs, generate)
+    return traced.batcher.batch(inputs, generate, dims)
 
 
 def _close(outcome: _Outcome, interleaver: Interleaver) -> None:

@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from ._batcher import join_with, narrow_with
 from ._boundary import Boundary
 from ._errors import ShapeError
 from ._interrupts import model_call_site
@@ -95,7 +96,7 @@ def run_skipped(
         for mediator, (value, where) in skips.items():
             partial.swap(mediator, _constant(value), f"{where} (skip)")
         return partial.merged()
-    batcher, total = il.batcher, il.total
+    batcher, total, dims = il.batcher, il.total, il.dims[OUTPUT][key[0]]
     expected = _expected_output(original, args, kwargs)
     output = whole[0] if whole else MISSING
     if expected is MISSING:  # check at least rows and structure: against the joined values
@@ -104,7 +105,11 @@ def run_skipped(
         expected = output
     for mediator, (value, where) in skips.items():
         rows = mediator.rows
-        own = expected if rows is None else batcher.narrow(expected, rows, total)
+        own = (
+            expected
+            if rows is None
+            else narrow_with(batcher, expected, rows, total, dims, il.expand)
+        )
         batcher.check_replacement(own, value, f"{il.describe(key)} at {where} (skip)")
     return _join(il, key, parts, skips) if output is MISSING else output
 
@@ -300,7 +305,7 @@ def _join(
     """The skip values joined by the Batcher; a ShapeError names the module, the call and the
     lines of the skips."""
     try:
-        return il.batcher.join(parts, il.total)
+        return join_with(il.batcher, parts, il.total, il.dims[OUTPUT][key[0]])
     except ShapeError as error:
         lines = "; ".join(
             f"rows {m.rows.start}:{m.rows.stop} at {where}"

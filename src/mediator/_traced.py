@@ -2,7 +2,8 @@
 
 `Model` builds one `Traced` when it wraps a module and hands it to every trace it opens, so a
 trace never reaches into the Model itself. Site numbers index `paths` and `taps`; a module
-registered under several names is one site (its first path). The object is not changed after it
+registered under several names is one site (its first path); `dims` says where each site's
+values hold the batch (`_layouts.py`), decided once here. The object is not changed after it
 is built, except that a tap replaced behind the library's back is re-made in `taps` (`_tap.py`).
 """
 
@@ -13,6 +14,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from ._batcher import Batcher
+from ._layouts import Dims, check_overrides, site_dims
 from ._tap import Tap
 
 
@@ -26,6 +28,7 @@ class Traced:
     sites: dict[int, int]  # id(module) -> site
     batcher: Batcher
     pin_threads: bool
+    dims: tuple[list[Dims], list[Dims]]  # INPUT/OUTPUT -> site -> where its values' rows are
 
     @classmethod
     def of(cls, module: nn.Module, batcher: Batcher, pin_threads: bool) -> Traced:
@@ -39,4 +42,7 @@ class Traced:
             sites[id(sub)] = len(paths)
             paths.append(path)
             taps.append(Tap(sub))
-        return cls(module, paths, taps, sites, batcher, pin_threads)
+        check_overrides(batcher.batch_dims, paths)
+        layouts = {path: batcher.layout(path, sub) for path, sub in module.named_modules()}
+        dims = site_dims(module, paths, layouts)
+        return cls(module, paths, taps, sites, batcher, pin_threads, dims)

@@ -28,6 +28,7 @@ from ._cache import Cache
 from ._callsite import user_line, user_traceback
 from ._errors import ShapeError, UsageError
 from ._frames import BodySkipper, check_unbinding, read_names, write_names
+from ._future import InvokeFuture
 from ._names import closest_hint
 from ._protocol import SkipBody, TraceState
 from ._run import InvokeSpec, run_trace
@@ -47,6 +48,7 @@ _GENERATION_OPTIONS = frozenset(
         "max_length",
         "do_sample",
         "num_beams",
+        "num_return_sequences",
         "streamer",
         "generation_config",
         "temperature",
@@ -461,36 +463,6 @@ def _holds_tensor(value: Any) -> bool:
     """Whether a keyword given to `model.trace(...)` is an input (a tensor, or a tuple, list,
     dict or dataclass holding one) rather than a call option such as `output_hidden_states`."""
     return bool(tensors(value))
-
-
-class InvokeFuture(concurrent.futures.Future):  # type: ignore[type-arg]
-    """A Future that explains itself when waited on before its trace ran."""
-
-    def __init__(self, tracer: Tracer) -> None:
-        super().__init__()
-        self._tracer: Tracer | None = tracer
-
-    def resolve(self, result: Any, error: BaseException | None) -> None:
-        """Set the invoke's result, or its error (the run engine calls this once)."""
-        self._tracer = None  # a kept future must not keep the trace (and its output) alive
-        if error is None:
-            self.set_result(result)
-        else:
-            self.set_exception(error)
-
-    def result(self, timeout: float | None = None) -> Any:
-        tracer = self._tracer
-        if not self.done() and tracer is not None:
-            mediator = _context.current()
-            if tracer._state is TraceState.OPEN or (
-                mediator is not None and mediator.tracer is tracer
-            ):
-                raise UsageError(
-                    "this invoke's result is not there yet: it is set when the trace has run, "
-                    "after its `with model.trace()` block. Call .result() after the block; to "
-                    "pass values between invokes, bind names in with-bodies instead"
-                )
-        return super().result(timeout)
 
 
 def _site_of(traced: Traced, module: Any) -> tuple[int, str]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from ._batcher import narrow_with
 from ._errors import MediatorError, MissedProviderError
 from ._protocol import (
     BARRIER,
@@ -30,6 +31,7 @@ if TYPE_CHECKING:
     from ._barrier import Barrier
     from ._batcher import Batcher
     from ._boundary import Boundary
+    from ._layouts import Dims
     from ._mediator import Mediator
 
 _BLOCKED = MediatorState.BLOCKED
@@ -45,6 +47,8 @@ class Waits:
     mediators: list[Mediator]
     batcher: Batcher
     total: int
+    expand: tuple[int, ...]
+    result_dims: Dims  # where the traced call's return value holds the batch
     started: list[int]
     watch: tuple[list[int], list[int]]
     current: Boundary | None
@@ -127,7 +131,9 @@ class Waits:
             )
         if mediator.rows is None:
             return self.result
-        return self.batcher.narrow(self.result, mediator.rows, self.total)
+        return narrow_with(
+            self.batcher, self.result, mediator.rows, self.total, self.result_dims, self.expand
+        )
 
     def _wake_steps(self, call: int) -> None:
         """A module starts call `call`: resume the open loops waiting for a step up to it."""
