@@ -84,6 +84,7 @@ class Mediator:
         self.code = code  # a with-body's code, to find its frame
         self.bound_elsewhere = bound_elsewhere  # names the trace's with-bodies bind
         self.state = MediatorState.CREATED
+        self.ended = False  # DONE or CANCELLED (kept by `enter_state`)
         self.cancel_requested = False  # set by the canceller: the next request raises
         self.inbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self.interleaver: Interleaver | None = None
@@ -107,17 +108,12 @@ class Mediator:
     def __repr__(self) -> str:
         return f"<Mediator of invoke {self.index}, {self.state.name}>"
 
-    @property
-    def ended(self) -> bool:
-        """Whether the body has ended (DONE or CANCELLED)."""
-        state = self.state
-        return state is _DONE or state is _CANCELLED
-
     def enter_state(self, new: MediatorState) -> None:
         """Move to state `new`; the transition must be one `TRANSITIONS` allows. (The two a
         read makes, RUNNING <-> BLOCKED, are written out in `_block`, with their assertion.)"""
         assert new in TRANSITIONS[self.state], f"{self!r}: {self.state.name} -> {new.name}"
         self.state = new
+        self.ended = new is _DONE or new is _CANCELLED
 
     # -- lifecycle (the baton holder) ---------------------------------------------------------
 

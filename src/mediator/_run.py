@@ -54,7 +54,7 @@ class Resolvable(Protocol):
     def resolve(self, result: Any, error: BaseException | None) -> None: ...
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class InvokeSpec:
     """What one invoke brings to a run: its inputs, and a with-body or a function."""
 
@@ -66,7 +66,7 @@ class InvokeSpec:
     starts_bound: frozenset[str] = frozenset()  # names it binds that it gets as parameters
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class _Outcome:
     """What a run produced so far: read by the release steps, returned at the end."""
 

@@ -110,7 +110,7 @@ class TorchState(NamedTuple):
 
 def prepare() -> None:
     """Note the state the calling (fresh) worker thread starts with, for `reset`."""
-    _local.base = {device: torch.get_autocast_dtype(device) for device in _AUTOCAST_DEVICES}
+    _local.base = tuple(torch.get_autocast_dtype(device) for device in _AUTOCAST_DEVICES)
     _local.guard = None
 
 
@@ -125,9 +125,11 @@ def reset() -> bool:
     if torch._C._is_any_autocast_enabled():
         for device in _AUTOCAST_DEVICES:
             torch.set_autocast_enabled(device, False)
-    for device, dtype in _local.base.items():
-        if torch.get_autocast_dtype(device) != dtype:
-            torch.set_autocast_dtype(device, dtype)
+    cpu_dtype, cuda_dtype = _local.base
+    if torch.get_autocast_dtype("cpu") is not cpu_dtype:
+        torch.set_autocast_dtype("cpu", cpu_dtype)
+    if torch.get_autocast_dtype("cuda") is not cuda_dtype:
+        torch.set_autocast_dtype("cuda", cuda_dtype)
     if not torch.is_autocast_cache_enabled():
         torch.set_autocast_cache_enabled(True)
     torch.clear_autocast_cache()  # casts cached while autocast was on hold weights' copies

@@ -75,10 +75,16 @@ class Invoke:
         h2 = future.result()
     """
 
-    def __init__(self, tracer: Tracer, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    def __init__(
+        self,
+        tracer: Tracer,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        line: tuple[str, int] | None,
+    ) -> None:
         self.tracer = tracer
         self.inputs: Inputs | None = None
-        self.line = user_line()  # where the user made it, for errors about its inputs
+        self.line = line  # where the user made it, for errors about its inputs
         if args or kwargs:
             traced = tracer._traced
             self.inputs = traced.batcher.name_inputs(
@@ -191,7 +197,7 @@ class Tracer:
         self._method = method
         self._invokes: list[Invoke] = []
         own = bool(args) or any(_holds_tensor(value) for value in kwargs.values())
-        self._own = Invoke(self, args, kwargs) if own else None
+        self._own = Invoke(self, args, kwargs, user_line()) if own else None
         self._options = {} if own else kwargs  # call options for a trace of several invokes
         self._caches: list[Cache] = []  # opened in the trace's block, before it runs
         if method == "forward" and _GENERATION_OPTIONS & set(kwargs):
@@ -245,7 +251,8 @@ class Tracer:
                 with tr.invoke():                   # no inputs: every row of the batch
                     both = model.output
         """
-        return Invoke(self, args, kwargs)
+        caller = sys._getframe(1)  # the user's: `tr.invoke` is called from user code
+        return Invoke(self, args, kwargs, (caller.f_code.co_filename, caller.f_lineno))
 
     def barrier(self, parties: int) -> Barrier:
         """A barrier for `parties` invokes: each calls it and waits until all have.
