@@ -209,7 +209,7 @@ class Batcher:
             elif is_cache(leaf):
                 dim_at(dims, position, value)  # a cache under unknown dims is not known either
                 narrow = partial(narrow_along, dim=0, rows=rows, total=total, expand=expand)
-                new.append(narrow_cache(leaf, partial(narrow, declared=False)))
+                new.append(narrow_cache(leaf, partial(narrow, declared=False, in_cache=True)))
             else:
                 new.append(leaf)
         return rebuild(new)

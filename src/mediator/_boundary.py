@@ -4,7 +4,10 @@ A Boundary lives while the model thread serves one module input or output. Each 
 own rows (`view`, the same object on every read; along the batch dims of the site, `_layouts.py`,
 scaled by the interleaver's `expand`); a swap replaces that view after a shape check; `merged`
 writes every invoke's view back into the full value, without in-place writes, so that autograd
-sees each view on the path from input to loss.
+sees each view on the path from input to loss. A tensor with no rows (the whole batch's, handed
+to every invoke) cannot be written by one invoke of several without reaching the others: a swap
+of it raises `ShapeError` at once, an in-place edit when the boundary has been served
+(`check_shared`).
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import torch
 
 from ._batcher import merge_with, narrow_with
 from ._errors import ShapeError
-from ._tree import tensors
+from ._tree import describe, tensors
 
 if TYPE_CHECKING:
     from ._interleaver import Interleaver
@@ -30,7 +33,7 @@ _MISSING = object()
 class Boundary:
     """The value at the boundary the model thread stands at, and each invoke's view of it."""
 
-    __slots__ = ("interleaver", "key", "value", "views", "dirty", "skips", "handed")
+    __slots__ = ("interleaver", "key", "value", "views", "dirty", "skips", "handed", "shared")
 
     def __init__(self, interleaver: Interleaver, key: Key, value: Any) -> None:
         self.interleaver = interleaver
@@ -40,6 +43,8 @@ class Boundary:
         self.dirty = False  # views must be merged back into `value`
         self.skips: dict[Mediator, tuple[Any, str]] = {}  # value, and the user's line
         self.handed: list[tuple[Mediator, Any]] = []  # the views given out, for late edits
+        # tensors without rows handed whole to an invoke of several, with their versions
+        self.shared: list[tuple[Mediator, torch.Tensor, int]] = []
 
     def view(self, mediator: Mediator) -> Any:
         """What `mediator` sees here: its rows of the value (the same object on every read)."""
@@ -58,6 +63,7 @@ class Boundary:
                 view = self._narrow_by_layout(mediator, mediator.rows, dims)
             if torch.is_grad_enabled() and _requires_grad(view):
                 self.dirty = True  # so the rest of the forward computes from this very view
+            self.shared.extend((mediator, t, t._version) for _, t in _shared(self.value, view))
         self.views[mediator] = view
         self.handed.append((mediator, view))
         return view
@@ -80,6 +86,9 @@ class Boundary:
             self.views = {mediator: new}
             self.dirty = False
         else:
+            for position, tensor in _shared(self.value, old):
+                if (new if position is None else new[position]) is not tensor:
+                    raise ShapeError(self._shared_write(mediator, tensor, f"replaced at {where}"))
             self.views[mediator] = new
             self.dirty = True
 
@@ -101,8 +110,39 @@ class Boundary:
             self.dirty = False
         return self.value
 
+    def check_shared(self) -> None:
+        """Raise ShapeError if an invoke edited in place a tensor without rows it was handed
+        (the boundary has been served: the edit reached every invoke)."""
+        for mediator, tensor, version in self.shared:
+            if tensor._version != version:
+                raise ShapeError(self._shared_write(mediator, tensor, "edited in place"))
+
+    def _shared_write(self, mediator: Mediator, tensor: torch.Tensor, how: str) -> str:
+        return (
+            f"{self.describe()}: {mediator.label()} {how} {describe(tensor)}, a value without "
+            f"rows of its own (not batched along the batch dim of {self.interleaver.total} rows "
+            "the library knows for it): every invoke is handed it whole, so the write would "
+            "reach the other invokes too. Write it from an invoke without inputs (tr.invoke()), "
+            "which owns the whole batch, trace this invoke alone, or declare where its rows "
+            "are with mediator.Batcher(batch_dims={path: ...})"
+        )
+
     def describe(self) -> str:
         return self.interleaver.describe(self.key)
+
+
+def _shared(full: Any, view: Any) -> list[tuple[Any, torch.Tensor]]:
+    """The tensors of an invoke's `view` that are the full value's own (not cut to its rows),
+    with their place in it: None for the value itself, else an index or key (top level only)."""
+    if view is full:
+        return [(None, full)] if isinstance(full, torch.Tensor) else []
+    if type(view) in (tuple, list) and type(full) is type(view):
+        pairs: Any = enumerate(zip(full, view, strict=False))
+    elif isinstance(view, dict) and isinstance(full, dict):
+        pairs = ((key, (full.get(key), item)) for key, item in view.items())
+    else:
+        return []
+    return [(at, v) for at, (f, v) in pairs if v is f and isinstance(v, torch.Tensor)]
 
 
 def _requires_grad(value: Any) -> bool:

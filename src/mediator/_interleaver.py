@@ -313,6 +313,8 @@ class Interleaver(Waits):
             self.plan = due
             self._run_plan()
         self.current = None
+        if boundary.shared:
+            boundary.check_shared()
         if versions is not None:
             refuse_reentrant_writes(self, boundary, versions)
         for mediator, view in boundary.handed:

@@ -5,7 +5,10 @@ A cache is mutable state the model updates in place: `DynamicCache` holds `layer
 Their tensors are `[batch, heads, T, d]`, batched on dim 0. An invoke's view of a cache is a
 copy of the cache object (and of the layer objects and lists inside it) whose tensors are views
 of its rows, so an in-place edit of them lands in the model's cache, in its rows only. Tensors
-whose dim 0 is not the batch (lengths, offsets) are shared whole.
+whose dim 0 is not the batch (lengths, offsets) are shared whole. The copy is a snapshot of the
+cache as the boundary saw it: what the model adds later (the keys of the current step, a layer it
+initialises) goes into the model's cache, not into an invoke's copy; read the cache at a later
+boundary to see it.
 
 Merging writes into the model's own cache object (the model keeps using it, so it must stay the
 same object): a tensor an invoke replaced is merged into the batch tensor out of place and set
@@ -80,24 +83,22 @@ def _holds_state(value: Any) -> bool:
 
 
 def _mapped(value: Any, fn: TensorMap) -> Any:
-    """`value` with `fn` applied to every tensor it holds; containers and cache objects are
-    copied where something inside changed, other values are shared."""
+    """`value` with `fn` applied to every tensor it holds. Lists, dicts and cache objects are
+    always copied, never shared: the model fills its own ones in place later (a layer not yet
+    initialised gets the whole batch's keys), and an invoke's copy must not see that."""
     if isinstance(value, torch.Tensor):
         return fn(value)
-    if type(value) in (list, tuple):
+    if type(value) is list:
+        return [_mapped(item, fn) for item in value]
+    if type(value) is tuple:
         items = [_mapped(item, fn) for item in value]
         changed = any(new is not old for new, old in zip(items, value, strict=True))
-        return type(value)(items) if changed else value
+        return tuple(items) if changed else value
     if type(value) is dict:
-        entries = {key: _mapped(item, fn) for key, item in value.items()}
-        return entries if any(entries[k] is not value[k] for k in value) else value
+        return {key: _mapped(item, fn) for key, item in value.items()}
     if hasattr(value, "__dict__") and _holds_state(value):
-        fields = vars(value)
-        new_fields = {name: _mapped(item, fn) for name, item in fields.items()}
-        if all(new_fields[name] is fields[name] for name in fields):
-            return value
         new = copy.copy(value)
-        vars(new).update(new_fields)
+        vars(new).update({name: _mapped(item, fn) for name, item in vars(value).items()})
         return new
     return value
 

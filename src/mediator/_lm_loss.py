@@ -11,6 +11,7 @@ no state beyond one run's labels.
 from __future__ import annotations
 
 import copy
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -61,8 +62,7 @@ class PerInvokeLoss(Batcher):
         own = narrow_with(self.batcher, _without_loss(value), rows, total, dims, expand)
         labels = self.labels[rows]
         labelled = bool((labels[:, 1:] != IGNORE_INDEX).any())
-        own["loss"] = self.loss(own["logits"], labels) if labelled else None
-        return own
+        return _with_loss(own, self.loss(own["logits"], labels) if labelled else None)
 
     def merge(
         self,
@@ -109,7 +109,14 @@ def _without_loss(value: dict[str, Any]) -> Any:
 
 
 def _with_loss(value: Any, loss: torch.Tensor | None) -> Any:
-    if not isinstance(value, dict) or "loss" not in value:
+    """`value` with `loss` as its loss. A `ModelOutput` is rebuilt through its dataclass, so its
+    entries keep the order of its fields (a copy with an entry set anew would put it last, and
+    the invokes' views would no longer line up with the batch's output)."""
+    if not isinstance(value, dict):
+        return value
+    if dataclasses.is_dataclass(value):
+        return dataclasses.replace(value, loss=loss)
+    if "loss" not in value:
         return value
     new = copy.copy(value)
     new["loss"] = loss

@@ -93,11 +93,13 @@ def narrow_along(
     total: int,
     expand: tuple[int, ...],
     declared: bool,
+    in_cache: bool = False,
 ) -> torch.Tensor:
-    """`leaf`'s rows `rows` along its batch dim `dim` (scaled by its expansion), a view."""
+    """`leaf`'s rows `rows` along its batch dim `dim` (scaled by its expansion), a view. A 0-dim
+    leaf warns (`RowlessValueWarning`), unless it is a cache's own bookkeeping (`in_cache`)."""
     factor = rows_factor(leaf, dim, total, expand, declared)
     if factor is None or dim is None:
-        if dim is not None and leaf.dim() == 0:
+        if dim is not None and leaf.dim() == 0 and not in_cache:
             warn_rowless(leaf, rows, total)
         return leaf
     own = scaled(rows, factor)

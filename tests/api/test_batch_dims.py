@@ -491,3 +491,24 @@ def test_cache_input_of_attention_holds_only_the_invokes_rows(gpt2):
                 values2 = model.transformer.h[0].attn.inputs[1]["cache"].layers[0].values.clone()
     torch.testing.assert_close(keys1, cache_of(gpt2(PROMPTS[0])).layers[0].keys)
     torch.testing.assert_close(values2, cache_of(gpt2(PROMPTS[1])).layers[0].values)
+
+
+def test_a_cache_read_before_its_layers_are_filled_never_shares_them(gpt2):
+    """At step 0 the first block gets a cache whose layers are still empty; the model fills them
+    in place as it goes. An invoke's view of it is a snapshot of its own rows (nothing yet): the
+    model's later writes of every invoke's keys must not land in it, and the invoke's in-place
+    edit of what it holds must not reach another invoke."""
+    model = mediator.Model(gpt2)
+    kwargs = {"max_new_tokens": 2, "do_sample": False, "pad_token_id": 0}
+    with torch.no_grad():
+        solo = gpt2.generate(PROMPTS[1], **kwargs)
+        with model.generate(**kwargs) as tr:
+            with tr.invoke(PROMPTS[0]):
+                args, kwargs = model.transformer.h[0].inputs
+                cache = next(v for v in (*args, *kwargs.values()) if hasattr(v, "layers"))
+                _ = model.transformer.h[1].output
+                seen = [layer.keys for layer in cache.layers]
+            with tr.invoke(PROMPTS[1]):
+                pass
+    assert seen == [None] * len(seen)  # alone, the same object is filled later: a snapshot
+    torch.testing.assert_close(tr.result[1:], solo)

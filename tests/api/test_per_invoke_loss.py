@@ -108,18 +108,28 @@ def test_own_loss_with_own_padding_and_ignored_labels(lm, texts):
     torch.testing.assert_close(own, solo, atol=1e-5, rtol=0)
 
 
-def test_invoke_without_labels_reads_no_loss(lm, texts):
+@pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad"])
+@pytest.mark.parametrize("labelled_first", [False, True])
+def test_invoke_without_labels_reads_no_loss(lm, texts, grad, labelled_first):
+    """With grad on, the outputs are merged back: an unlabelled invoke's view (no loss) must
+    still line up with the batch's output (which has one)."""
     a, b = texts
     model = mediator.Model(lm)
-    with torch.no_grad():
-        solo = lm(b, labels=b).loss
+    with torch.set_grad_enabled(grad):
+        solo_loss, solo_logits = lm(b, labels=b).loss, lm(a).logits
         with model.trace() as tr:
+            if labelled_first:
+                with tr.invoke(b, labels=b):
+                    labelled = model.output.loss
             with tr.invoke(a):
                 unlabelled = model.output.loss
-            with tr.invoke(b, labels=b):
-                labelled = model.output.loss
+                logits = model.output.logits
+            if not labelled_first:
+                with tr.invoke(b, labels=b):
+                    labelled = model.output.loss
     assert unlabelled is None and lm(a).loss is None
-    torch.testing.assert_close(labelled, solo, atol=1e-5, rtol=0)
+    torch.testing.assert_close(labelled, solo_loss, atol=1e-5, rtol=0)
+    torch.testing.assert_close(logits[:, -a.shape[1] :], solo_logits, atol=1e-5, rtol=0)
 
 
 def test_backward_of_own_loss_gives_solo_gradients(lm, texts):
