@@ -27,6 +27,7 @@ cache then misses), so a fake run of new shapes feeds the cycle collector, once 
 from __future__ import annotations
 
 import copy
+import logging
 import os
 import threading
 import weakref
@@ -40,6 +41,7 @@ from ._batcher import join_with, narrow_with
 from ._boundary import Boundary
 from ._errors import ShapeError
 from ._interrupts import model_call_site
+from ._layouts import Dims
 from ._protocol import OUTPUT, Key
 from ._tap import strip
 from ._tree import flatten, tensors
@@ -258,10 +260,29 @@ def _fake_forward(module: torch.nn.Module, args: Any, kwargs: Any) -> Any:
         with FakeCopyMode(mode):  # any tensor `_fakes` left out: a subclass, an attribute
             fake, fake_args, fake_kwargs = copy.deepcopy((module, args, kwargs), memo)
         strip(fake)
-        with mode:
-            return fake.forward(*fake_args, **fake_kwargs)
+        quiet = _QuietThread(threading.get_ident())
+        _FAKE_LOG.addFilter(quiet)  # a failure here is an answer ("unknown"), not an error
+        try:
+            with mode:
+                return fake.forward(*fake_args, **fake_kwargs)
+        finally:
+            _FAKE_LOG.removeFilter(quiet)
     except Exception:  # noqa: BLE001 - not copyable, or not runnable on fake tensors
         return MISSING
+
+
+_FAKE_LOG = logging.getLogger("torch._subclasses.fake_tensor")
+
+
+class _QuietThread(logging.Filter):
+    """Drops the log records of one thread (torch logs every op that fails on fake tensors)."""
+
+    def __init__(self, ident: int) -> None:
+        super().__init__()
+        self.ident = ident
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.thread != self.ident
 
 
 def _fakes(mode: FakeTensorMode, module: torch.nn.Module, inputs: Any) -> dict[int, Any]:
@@ -304,8 +325,13 @@ def _join(
 ) -> Any:
     """The skip values joined by the Batcher; a ShapeError names the module, the call and the
     lines of the skips."""
+    dims = il.dims[OUTPUT][key[0]]
+    factor = _expansion(parts, dims, il.expand)
+    total = il.total * factor
+    if factor != 1:  # beam search: each invoke's value holds `factor` rows per batch row
+        parts = [(slice(rows.start * factor, rows.stop * factor), value) for rows, value in parts]
     try:
-        return join_with(il.batcher, parts, il.total, il.dims[OUTPUT][key[0]])
+        return join_with(il.batcher, parts, total, dims)
     except ShapeError as error:
         lines = "; ".join(
             f"rows {m.rows.start}:{m.rows.stop} at {where}"
@@ -325,3 +351,17 @@ def _new_lock_after_fork() -> None:
 
 
 os.register_at_fork(after_in_child=_new_lock_after_fork)
+
+
+def _expansion(parts: list[tuple[slice, Any]], dims: Dims, expand: tuple[int, ...]) -> int:
+    """The factor of `expand` by which the skip values' batch dim holds more rows than their
+    invokes (1 when there is none): told from the first value's first tensor."""
+    if not expand or isinstance(dims, str):
+        return 1
+    rows, value = parts[0]
+    leaf = next(iter(tensors(value)), None)
+    dim = 0 if dims is None else dims[0]
+    if leaf is None or dim is None or leaf.dim() <= dim:
+        return 1
+    size = rows.stop - rows.start
+    return next((f for f in expand if leaf.shape[dim] == size * f), 1)

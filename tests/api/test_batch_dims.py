@@ -512,3 +512,26 @@ def test_a_cache_read_before_its_layers_are_filled_never_shares_them(gpt2):
                 pass
     assert seen == [None] * len(seen)  # alone, the same object is filled later: a snapshot
     torch.testing.assert_close(tr.result[1:], solo)
+
+
+def test_every_invoke_skipping_under_beam_search_equals_solo(gpt2):
+    """Every invoke skips the second block at every step: the joined skip values hold
+    `num_beams` rows per prompt, like the module's own output would."""
+    options = {"max_new_tokens": 3, "do_sample": False, "num_beams": 2, "pad_token_id": 0}
+    model = mediator.Model(gpt2)
+
+    def skipping(ids: torch.Tensor) -> torch.Tensor:
+        with model.generate(ids, **options) as tr:
+            for step in tr.iter[:]:
+                model.transformer.h[1].skip(model.transformer.h[0].output)
+        return tr.result
+
+    with torch.no_grad():
+        solo = [skipping(prompt) for prompt in PROMPTS]
+        with model.generate(**options) as tr:
+            for prompt in PROMPTS:
+                with tr.invoke(prompt):
+                    for step in tr.iter[:]:
+                        model.transformer.h[1].skip(model.transformer.h[0].output)
+    torch.testing.assert_close(tr.result, torch.cat(solo))
+    assert_untouched(gpt2)
