@@ -397,6 +397,16 @@ class Batcher:
         dim: int | None = 0,
     ) -> Any:
         first = values[0]
+        caches = [(i, v) for i, v in zip(indices, values, strict=False) if is_cache(v)]
+        if caches:
+            index, cache = caches[0]
+            raise ShapeError(
+                f"cannot batch {name_of()}: invoke {index} passes a {type(cache).__name__}, a "
+                "cache of the model's state for its own rows, which cannot be shared with or "
+                "joined to other invokes' rows; trace an invoke that continues from a cache "
+                "on its own",
+                invokes=tuple(i for i, _ in caches),
+            )
         if not isinstance(first, torch.Tensor) or dim is None:
             for value, index in zip(values[1:], indices[1:], strict=False):
                 if not _same_constant(first, value):

@@ -9,6 +9,8 @@ downloaded) and `mediator.models.TinyLM` (which numbers positions over its mask)
 
 from __future__ import annotations
 
+import copy
+import inspect
 import re
 
 import pytest
@@ -228,3 +230,26 @@ def test_generation_from_inputs_embeds_equals_solo():
         got_long = tr.invoke(inputs_embeds=long).run(lambda: tr.result)
     assert torch.equal(got_short.result(), solo_short)
     assert torch.equal(got_long.result(), solo_long)
+
+
+@pytest.mark.parametrize("shared", [True, False], ids=["one-cache", "two-caches"])
+def test_caches_passed_by_several_invokes_are_a_shape_error(shared):
+    """A cache is the model's state for its own rows: alone an invoke may continue from one
+    (equal to plain HF), next to another invoke it is refused, naming the input."""
+    net = _gpt2()
+    model = mediator.Model(net)
+    key = "cache" if "cache" in inspect.signature(net.forward).parameters else "past_key_values"
+    prompt, nxt = torch.randint(1, 100, (1, 5)), torch.randint(1, 100, (1, 1))
+    with torch.no_grad():
+        first = net(prompt, use_cache=True).past_key_values
+        expected = net(nxt, **{key: copy.deepcopy(first)}).logits
+        with model.trace(nxt, **{key: copy.deepcopy(first)}):
+            alone = model.output.logits
+        torch.testing.assert_close(alone, expected)
+        second = first if shared else net(prompt, use_cache=True).past_key_values
+        with pytest.raises(mediator.ShapeError, match=rf"'{key}'.*cannot be shared"):
+            with model.trace() as tr:
+                with tr.invoke(nxt, **{key: first}):
+                    pass
+                with tr.invoke(nxt, **{key: second}):
+                    pass
