@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ._columns import concatenate_column
 from ._errors import ShapeError, UsageError
 from ._kv_cache import cache_tensors, is_cache, merge_cache, narrow_cache
 from ._layouts import BatchDims, BatchDimsSpec, Dims, as_batch_dims, known_dims
@@ -35,7 +36,6 @@ from ._rows import (
     narrow_leaf,
     rows_factor,
     scaled,
-    without,
 )
 from ._tree import describe, flatten
 
@@ -382,64 +382,12 @@ class Batcher:
                 dim = dim_at(dims, position, entries[0])
                 position += 1
             name_of = partial(_leaf_name, entries[0], keys, i)
-            batched.append(self._concatenate_column(column, indices, name_of, dim))
+            batched.append(concatenate_column(column, indices, name_of, dim))
         if not keys and all(type(arg) is torch.Tensor for arg in first_args):
             return tuple(batched), {}
         _, rebuild = flatten((first_args, first_kwargs))
         args, kwargs = rebuild(batched)
         return tuple(args), dict(kwargs)
-
-    def _concatenate_column(
-        self,
-        values: tuple[Any, ...],
-        indices: list[int],
-        name_of: Callable[[], str],
-        dim: int | None = 0,
-    ) -> Any:
-        first = values[0]
-        caches = [(i, v) for i, v in zip(indices, values, strict=False) if is_cache(v)]
-        if caches:
-            index, cache = caches[0]
-            raise ShapeError(
-                f"cannot batch {name_of()}: invoke {index} passes a {type(cache).__name__}, a "
-                "cache of the model's state for its own rows, which cannot be shared with or "
-                "joined to other invokes' rows; trace an invoke that continues from a cache "
-                "on its own",
-                invokes=tuple(i for i, _ in caches),
-            )
-        if not isinstance(first, torch.Tensor) or dim is None:
-            for value, index in zip(values[1:], indices[1:], strict=False):
-                if not _same_constant(first, value):
-                    raise ShapeError(
-                        f"cannot batch {name_of()}: invoke {indices[0]} passes {_shown(first)} "
-                        f"and invoke {index} passes {_shown(value)}; inputs that are not "
-                        "tensors, or have no rows, must be equal",
-                        invokes=(indices[0], index),
-                    )
-            return first
-        dtype = first.dtype  # torch.cat would promote mixed dtypes silently: check them first
-        if all(type(value) is torch.Tensor and value.dtype is dtype for value in values):
-            try:
-                return torch.cat(values, dim=dim)
-            except (RuntimeError, IndexError):
-                pass  # shapes, dimensions or devices differ: explain which invoke's below
-        trailing = (without(first, dim), first.dtype, first.device)
-        for value, index in zip(values, indices, strict=False):
-            if not isinstance(value, torch.Tensor) or value.dim() <= dim:
-                raise ShapeError(
-                    f"cannot batch {name_of()}: invoke {index} passes {describe(value)}; batched "
-                    f"inputs must be tensors with a batch dimension (dim {dim})",
-                    invokes=(index,),
-                )
-            if (without(value, dim), value.dtype, value.device) != trailing:
-                raise ShapeError(
-                    f"cannot batch {name_of()}: invoke {indices[0]} passes {describe(first)} and "
-                    f"invoke {index} passes {describe(value)}; all dimensions but the batch "
-                    f"dimension (dim {dim}), the dtype and the device must agree (pad to one "
-                    "length, or trace them separately)",
-                    invokes=(indices[0], index),
-                )
-        return torch.cat(values, dim=dim)
 
 
 def narrow_with(
@@ -496,21 +444,6 @@ def _leaf_name(entry: Inputs, keys: list[str], position: int) -> str:
 def _signature(entry: Inputs) -> str:
     args, kwargs = entry
     return f"{len(args)} positional, keywords {sorted(kwargs)}"
-
-
-def _same_constant(first: Any, value: Any) -> bool:
-    """Whether an input without rows is the same in two invokes (tensors: equal values)."""
-    if isinstance(first, torch.Tensor) or isinstance(value, torch.Tensor):
-        return (
-            isinstance(first, torch.Tensor)
-            and isinstance(value, torch.Tensor)
-            and (value is first or (first.shape == value.shape and bool(torch.equal(first, value))))
-        )
-    return bool(value == first)
-
-
-def _shown(value: Any) -> str:
-    return describe(value) if isinstance(value, torch.Tensor) else repr(value)
 
 
 def _tensors_of_cache(new: Any, old: Any, where: str) -> list[torch.Tensor]:
