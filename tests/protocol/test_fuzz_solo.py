@@ -1035,6 +1035,7 @@ def cases(draw: Any, kind: str) -> Case:
 # == the fuzz tests =================================================================================
 
 KINDS = ("mlp", "rnn", "gpt2")
+FORMS = ("function", "with")
 SEEN: dict[str, int] = {}  # what the examples of this session did (see the last test)
 
 
@@ -1062,6 +1063,7 @@ def tmp_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def fuzz_test(kind: str, form: str) -> Callable[..., None]:
+    @pytest.mark.timeout(60 + 2 * examples(kind, form))  # seconds: a soak runs long
     @fuzz_settings(examples(kind, form))
     @given(case=cases(kind))
     def test(case: Case, tmp_dir: Path) -> None:
@@ -1087,3 +1089,19 @@ test_solo_function_form_gpt2 = fuzz_test("gpt2", "function")
 test_solo_with_form_mlp = fuzz_test("mlp", "with")
 test_solo_with_form_rnn = fuzz_test("rnn", "with")
 test_solo_with_form_gpt2 = fuzz_test("gpt2", "with")
+
+
+def test_solo_fuzz_covered_every_feature() -> None:
+    """The examples of this session (run just above) did each thing the fuzzer is for at least
+    once: not only empty programs passed. Prints the counts (-s or -rP)."""
+    print(f"\nsolo fuzz examples: {sum(v for k, v in SEEN.items() if k.split()[0] in FORMS)}")
+    for name, count in sorted(SEEN.items()):
+        print(f"  {name}: {count}")
+    if any(f"{form} {kind}" not in SEEN for form in FORMS for kind in KINDS):
+        pytest.skip("run together with the fuzz tests above")
+    wanted = {
+        "read", "edit", "swap", "skip like", "skip const", "shared name",
+        "name from before the trace", "tr.iter", "rnn state", "layers == batch",
+        "prompts of different lengths", "6 invokes",
+    }  # fmt: skip
+    assert wanted <= set(SEEN), sorted(wanted - set(SEEN))
