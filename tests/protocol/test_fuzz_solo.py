@@ -78,7 +78,7 @@ transformers.logging.set_verbosity_error()
 
 SOAK = int(os.environ.get("MEDIATOR_FUZZ_EXAMPLES", "0") or 0)
 RANDOM_SEED = os.environ.get("MEDIATOR_FUZZ_SEED")
-CI_EXAMPLES = {"mlp": 45, "rnn": 45, "gpt2": 15}
+CI_EXAMPLES = {"mlp": 35, "rnn": 35, "gpt2": 12}
 WITH_SHARE = 5  # the with-block form runs 1/WITH_SHARE as many examples in a soak
 HANG_S = 60.0  # one trace of these models takes milliseconds; this long is a hang
 RTOL, ATOL = 1e-4, 1e-5  # a different batch size may change the last bits of a matmul
@@ -237,6 +237,7 @@ def batcher_of(spec: Spec) -> mediator.Batcher | None:
     return mediator.Batcher(batch_dims=dims)
 
 
+CACHING_BLOCKS = ("transformer.h.0", "transformer.h.1")  # GPT-2 modules that write the KV cache
 GPT2_SITES = (
     "transformer.wte",
     "transformer.h.0",
@@ -917,6 +918,8 @@ def _op(
         if s.io == "output" and not s.leaf and s.path and (s.like or spec.kind != "gpt2")
     ]
     skippable += [s for s in sites if s.io == "output" and s.leaf == (0,) and s.path == "rnn"]
+    if spec.new_tokens:  # a skipped block still fills the KV cache: see KNOWN_CACHE_SKIP
+        skippable = [s for s in skippable if s.path not in CACHING_BLOCKS]
     if kind == "skip" and skippable:
         site = draw(st.sampled_from(skippable))
         how = "like" if site.like and (spec.kind == "gpt2" or draw(st.booleans())) else "const"
@@ -1150,3 +1153,25 @@ def test_the_check_catches_states_narrowed_on_the_wrong_dim(monkeypatch: Any) ->
     with pytest.raises(AssertionError, match="invoke 1, read 0"):
         check_case(states_case())
     assert busy_workers() == []
+
+
+# == what the fuzzer found =========================================================================
+
+
+def known_cache_skip() -> Case:
+    """Found by the soak (shrunk): during generation invoke 0 (3 tokens) skips GPT-2's first block
+    at step 0 next to invoke 1 (1 token). Alone, the skipped block never writes its layer's KV
+    cache; batched, the block runs for invoke 1 and fills the cache rows of invoke 0 too, so
+    invoke 0's second new token differs. The fuzzer draws no such skip (`CACHING_BLOCKS`)."""
+    spec = Spec("gpt2", 16, new_tokens=2)
+    block = site_of(spec, "transformer.h.0", "output")
+    return Case(spec, (1, 1), (3, 1), ((("skip", block, 0, "like", 0.0),), ()), 167)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="library: skipping a block that writes the KV cache during generate() is not "
+    "invisible (the batched call fills the skipping invoke's cache rows)",
+)
+def test_known_cache_skip_in_generation_equals_solo() -> None:
+    check_case(known_cache_skip())
