@@ -39,8 +39,9 @@ import torch
 
 from ._batcher import join_with, narrow_with
 from ._boundary import Boundary
-from ._errors import ShapeError
+from ._errors import ShapeError, UsageError
 from ._interrupts import model_call_site
+from ._kv_cache import is_cache
 from ._layouts import Dims
 from ._protocol import OUTPUT, Key
 from ._tap import strip
@@ -94,6 +95,7 @@ def run_skipped(
         key=lambda part: part[0].start,
     )
     if not whole and sum(rows.stop - rows.start for rows, _ in parts) < il.total:
+        _refuse_cache_writes(il, key, skips, args, kwargs)
         partial = Boundary(il, key, original(*args, **kwargs))
         for mediator, (value, where) in skips.items():
             partial.swap(mediator, _constant(value), f"{where} (skip)")
@@ -365,3 +367,21 @@ def _expansion(parts: list[tuple[slice, Any]], dims: Dims, expand: tuple[int, ..
         return 1
     size = rows.stop - rows.start
     return next((f for f in expand if leaf.shape[dim] == size * f), 1)
+
+
+def _refuse_cache_writes(
+    il: Interleaver, key: Key, skips: dict[Mediator, tuple[Any, str]], args: Any, kwargs: Any
+) -> None:
+    """Raise UsageError if the call some invokes skip is handed a KV cache: the others run it,
+    which writes the skipping invokes' cache rows too, as none of their solo runs would."""
+    cache = next((v for v in (*args, *kwargs.values()) if is_cache(v)), None)
+    if cache is None:
+        return
+    who = ", ".join(f"{m.label()} at {where}" for m, (_, where) in skips.items())
+    raise UsageError(
+        f"{il.describe(key)}: skipped by {who}, but not by every invoke, and the call is handed "
+        f"a {type(cache).__name__}: the invokes that run it would write the skipping invokes' "
+        "rows of the cache too, which their solo runs never write. Skip it in every invoke, "
+        "replace its output instead (.output = v: the call still runs and fills the cache, as "
+        "alone), or trace the skipping invoke alone"
+    )

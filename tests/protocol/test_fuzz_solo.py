@@ -1161,17 +1161,15 @@ def test_the_check_catches_states_narrowed_on_the_wrong_dim(monkeypatch: Any) ->
 def known_cache_skip() -> Case:
     """Found by the soak (shrunk): during generation invoke 0 (3 tokens) skips GPT-2's first block
     at step 0 next to invoke 1 (1 token). Alone, the skipped block never writes its layer's KV
-    cache; batched, the block runs for invoke 1 and fills the cache rows of invoke 0 too, so
-    invoke 0's second new token differs. The fuzzer draws no such skip (`CACHING_BLOCKS`)."""
+    cache; batched, the block runs for invoke 1 and would fill the cache rows of invoke 0 too, so
+    invoke 0's second new token would differ. The library refuses such a skip (`UsageError`);
+    the fuzzer draws none (`CACHING_BLOCKS`)."""
     spec = Spec("gpt2", 16, new_tokens=2)
     block = site_of(spec, "transformer.h.0", "output")
     return Case(spec, (1, 1), (3, 1), ((("skip", block, 0, "like", 0.0),), ()), 167)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="library: skipping a block that writes the KV cache during generate() is not "
-    "invisible (the batched call fills the skipping invoke's cache rows)",
-)
-def test_known_cache_skip_in_generation_equals_solo() -> None:
-    check_case(known_cache_skip())
+def test_known_cache_skip_in_generation_is_refused() -> None:
+    with pytest.raises(mediator.UsageError, match=r"transformer.h.0.*not by every invoke.*Cache"):
+        check_case(known_cache_skip())
+    assert busy_workers() == []
