@@ -19,7 +19,7 @@ import torch
 
 from ._batcher import merge_with, narrow_with
 from ._errors import ShapeError
-from ._tree import describe, tensors
+from ._tree import describe, leaves, tensors
 
 if TYPE_CHECKING:
     from ._interleaver import Interleaver
@@ -86,8 +86,11 @@ class Boundary:
             self.views = {mediator: new}
             self.dirty = False
         else:
-            for position, tensor in _shared(self.value, old):
-                if (new if position is None else new[position]) is not tensor:
+            shared = _shared(self.value, old)
+            new_leaves = [new] if isinstance(new, torch.Tensor) else leaves(new)
+            for position, tensor in shared:
+                kept = new_leaves[position]
+                if kept is not tensor and not _equal(kept, tensor):
                     raise ShapeError(self._shared_write(mediator, tensor, f"replaced at {where}"))
             self.views[mediator] = new
             self.dirty = True
@@ -112,7 +115,10 @@ class Boundary:
 
     def check_shared(self) -> None:
         """Raise ShapeError if an invoke edited in place a tensor without rows it was handed
-        (the boundary has been served: the edit reached every invoke)."""
+        (the boundary has been served: the edit reached every invoke). An invoke without inputs
+        that was served here may edit it (it owns the whole batch): then nobody is blamed."""
+        if any(mediator.rows is None for mediator in self.views):
+            return
         for mediator, tensor, version in self.shared:
             if tensor._version != version:
                 raise ShapeError(self._shared_write(mediator, tensor, "edited in place"))
@@ -131,18 +137,27 @@ class Boundary:
         return self.interleaver.describe(self.key)
 
 
-def _shared(full: Any, view: Any) -> list[tuple[Any, torch.Tensor]]:
+def _shared(full: Any, view: Any) -> list[tuple[int, torch.Tensor]]:
     """The tensors of an invoke's `view` that are the full value's own (not cut to its rows),
-    with their place in it: None for the value itself, else an index or key (top level only)."""
-    if view is full:
-        return [(None, full)] if isinstance(full, torch.Tensor) else []
-    if type(view) in (tuple, list) and type(full) is type(view):
-        pairs: Any = enumerate(zip(full, view, strict=False))
-    elif isinstance(view, dict) and isinstance(full, dict):
-        pairs = ((key, (full.get(key), item)) for key, item in view.items())
-    else:
-        return []
-    return [(at, v) for at, (f, v) in pairs if v is f and isinstance(v, torch.Tensor)]
+    with their position among the value's leaves (`_tree.leaves`)."""
+    if isinstance(view, torch.Tensor):
+        return [(0, view)] if view is full else []
+    full_leaves = leaves(full)
+    return [
+        (position, leaf)
+        for position, (leaf, whole) in enumerate(zip(leaves(view), full_leaves, strict=False))
+        if leaf is whole and isinstance(leaf, torch.Tensor)
+    ]
+
+
+def _equal(new: Any, old: torch.Tensor) -> bool:
+    """Whether a replacement of a shared tensor keeps its values (a clone, say): no write."""
+    return (
+        isinstance(new, torch.Tensor)
+        and new.shape == old.shape
+        and new.dtype == old.dtype
+        and bool(torch.equal(new, old))
+    )
 
 
 def _requires_grad(value: Any) -> bool:

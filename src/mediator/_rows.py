@@ -137,6 +137,14 @@ def join_leaves(column: tuple[Any, ...], parts: list[tuple[slice, Any]], dim: in
 
     if not all(batched(leaf, size) for leaf, size in zip(column, sizes, strict=True)):
         if all(leaf.shape == first.shape for leaf in column):
+            for leaf, (rows, _) in zip(column[1:], parts[1:], strict=False):
+                if leaf is not first and not torch.equal(leaf, first):
+                    raise ShapeError(
+                        f"the value for rows {rows.start}:{rows.stop} holds {describe(leaf)}, "
+                        "a value without rows (every invoke shares it whole), unlike the one "
+                        f"for rows {parts[0][0].start}:{parts[0][0].stop}: the skip values of "
+                        "the invokes must agree on it"
+                    )
             return first  # not batched: every invoke's view holds it whole
     trailing = (without(first, dim) if first.dim() > dim else (), first.dtype, first.device)
     for leaf, size, (rows, _) in zip(column, sizes, parts, strict=True):

@@ -71,6 +71,29 @@ def _flatten_into(value: Any, leaves: list[Any]) -> Callable[[list[Any]], Any]:
     return _leaf
 
 
+def leaves(value: Any) -> list[Any]:
+    """The leaves of `value` in `flatten`'s order, without a rebuild function."""
+    found: list[Any] = []
+    _collect(value, found)
+    return found
+
+
+def _collect(value: Any, found: list[Any]) -> None:
+    if isinstance(value, torch.Tensor):
+        found.append(value)
+    elif isinstance(value, (tuple, list)):
+        for item in value:
+            _collect(item, found)
+    elif isinstance(value, dict):
+        for item in value.values():
+            _collect(item, found)
+    elif dataclasses.is_dataclass(value) and not isinstance(value, type):
+        for field in dataclasses.fields(value):
+            _collect(getattr(value, field.name), found)
+    else:
+        found.append(value)
+
+
 def tensors(value: Any) -> list[torch.Tensor]:
     """The tensors among the leaves of `value` (the value itself if it is one), without
     building a rebuild function when it is a plain tensor."""

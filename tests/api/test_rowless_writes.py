@@ -111,3 +111,73 @@ def test_reads_by_several_invokes_are_the_whole_value(net):
     torch.testing.assert_close(w1, net.weights.w * 1)
     assert w2 is w1
     torch.testing.assert_close(out, net(X2))
+
+
+class Pair(nn.Module):
+    """Returns its batched input with a `[3, 4]` value that has no rows, nested in a list."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(3, 4))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        return x, [self.w * 1]
+
+
+class Use(nn.Module):
+    def forward(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return x @ w.T
+
+
+class PairNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        self.pair = Pair()
+        self.use = Use()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, (w,) = self.pair(self.lin(x))
+        return self.use(h, w)
+
+
+@pytest.fixture
+def pair_net():
+    torch.manual_seed(6)
+    net = PairNet()
+    yield net
+    assert_untouched(net)
+
+
+def test_nested_and_input_writes_by_one_invoke_of_several_are_shape_errors(pair_net):
+    model = mediator.Model(pair_net)
+    with pytest.raises(mediator.ShapeError, match=r"pair.output.*invoke 0.*edited in place"):
+        with torch.no_grad(), model.trace() as tr:
+            with tr.invoke(X1):
+                model.pair.output[1][0][:] = 0
+            with tr.invoke(X2):
+                pass
+    with pytest.raises(mediator.ShapeError, match=r"use.input.*invoke 1.*replaced"):
+        with torch.no_grad(), model.trace() as tr:
+            with tr.invoke(X1):
+                pass
+            with tr.invoke(X2):
+                (h, w), kwargs = model.use.inputs
+                model.use.inputs = ((h, w * 0), kwargs)
+
+
+def test_writes_that_keep_a_shared_value_or_come_from_the_whole_batch_equal_hooks(pair_net):
+    model = mediator.Model(pair_net)
+    with torch.no_grad():
+        expected1 = pair_net(X1)
+        with model.trace() as tr:
+            with tr.invoke(X1):
+                h, (w,) = model.pair.output
+                model.pair.output = (h * 1, [w.clone()])  # the same values: no write to it
+                first = model.output
+            with tr.invoke(X2):
+                second = model.output
+            with tr.invoke():
+                model.pair.output[1][0][:] = 0  # the whole batch's: allowed
+        torch.testing.assert_close(first, torch.zeros_like(expected1))
+        torch.testing.assert_close(second, torch.zeros(3, 3))

@@ -78,7 +78,7 @@ transformers.logging.set_verbosity_error()
 
 SOAK = int(os.environ.get("MEDIATOR_FUZZ_EXAMPLES", "0") or 0)
 RANDOM_SEED = os.environ.get("MEDIATOR_FUZZ_SEED")
-CI_EXAMPLES = {"mlp": 35, "rnn": 35, "gpt2": 12}
+CI_EXAMPLES = {"mlp": 80, "rnn": 80, "gpt2": 30}
 WITH_SHARE = 5  # the with-block form runs 1/WITH_SHARE as many examples in a soak
 HANG_S = 60.0  # one trace of these models takes milliseconds; this long is a hang
 RTOL, ATOL = 1e-4, 1e-5  # a different batch size may change the last bits of a matmul
