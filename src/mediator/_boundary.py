@@ -63,7 +63,9 @@ class Boundary:
                 view = self._narrow_by_layout(mediator, mediator.rows, dims)
             if torch.is_grad_enabled() and _requires_grad(view):
                 self.dirty = True  # so the rest of the forward computes from this very view
-            self.shared.extend((mediator, t, t._version) for _, t in _shared(self.value, view))
+            shared = _shared(self.value, view)
+            if shared:
+                self.shared.extend((mediator, t, t._version) for _, t in shared)
         self.views[mediator] = view
         self.handed.append((mediator, view))
         return view

@@ -173,6 +173,7 @@ class Interleaver(Waits):
         # INPUT/OUTPUT -> site -> where its values hold the batch (`_layouts.py`)
         self.dims = dims or ([None] * len(paths), [None] * len(paths))
         self.expand = expand  # known factors the batch grows by (beam search: `_expansion.py`)
+        self.generating = False  # the traced call is `generate`: KV caches carry across steps
         self.result_dims = result_dims
         sites = len(paths)
         self.started = [0] * sites  # calls of each site that began, numbered in that order

@@ -112,6 +112,7 @@ def run_trace(
                 None if generate or not traced.paths or traced.paths[0] else traced.dims[1][0],
             )
             outcome.interleaver = interleaver
+            interleaver.generating = generate
             release.call(_close, outcome, interleaver)
             for cache in caches:
                 interleaver.open_cache(cache)

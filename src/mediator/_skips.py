@@ -372,16 +372,21 @@ def _expansion(parts: list[tuple[slice, Any]], dims: Dims, expand: tuple[int, ..
 def _refuse_cache_writes(
     il: Interleaver, key: Key, skips: dict[Mediator, tuple[Any, str]], args: Any, kwargs: Any
 ) -> None:
-    """Raise UsageError if the call some invokes skip is handed a KV cache: the others run it,
-    which writes the skipping invokes' cache rows too, as none of their solo runs would."""
+    """Raise UsageError if, during `generate`, the call some invokes skip is handed a KV cache:
+    the others run it, which writes the skipping invokes' cache rows too, as none of their solo
+    runs would, and the next steps read them. (In a single forward only the returned cache
+    differs, which a skip changes anyway.)"""
+    if not il.generating:
+        return
     cache = next((v for v in (*args, *kwargs.values()) if is_cache(v)), None)
     if cache is None:
         return
     who = ", ".join(f"{m.label()} at {where}" for m, (_, where) in skips.items())
     raise UsageError(
-        f"{il.describe(key)}: skipped by {who}, but not by every invoke, and the call is handed "
-        f"a {type(cache).__name__}: the invokes that run it would write the skipping invokes' "
-        "rows of the cache too, which their solo runs never write. Skip it in every invoke, "
+        f"{il.describe(key)}: skipped by {who}, but not by every invoke, and during generate the "
+        f"call is handed a {type(cache).__name__}: the invokes that run it would write the "
+        "skipping invokes' rows of the cache too, which their solo runs never write and the "
+        "next steps read. Skip it in every invoke, "
         "replace its output instead (.output = v: the call still runs and fills the cache, as "
         "alone), or trace the skipping invoke alone"
     )
