@@ -283,6 +283,9 @@ def _settle(
     failure = outcome.failure or error
     names: dict[str, Any] = {}
     mediators = outcome.mediators
+    interleaver = outcome.interleaver
+    late: list[tuple[Any, tuple[str, int] | None, tuple[str, int] | None]] = []
+    cuts = []
     for position, spec in enumerate(invokes):
         mediator = mediators[position] if position < len(mediators) else None
         ended = mediator if mediator is not None and mediator.ended else None
@@ -305,21 +308,21 @@ def _settle(
                 spec.future.resolve(None, own or failure or cancelled)
         spec.scope = {}
         spec.function = spec.future = None
+        if ended is not None:  # else abandoned after Ctrl-C: it clears its own state as it ends
+            if ended.watch.found:
+                assert interleaver is not None
+                late.extend((interleaver.describe(k), w, s) for k, w, s in ended.watch.found)
+            if ended.cut is not None:
+                cuts.append(ended.cut)
+            ended.watch.clear()
+            ended.ops = []
+            ended.final_locals = ended.result = ended.error = ended.cut = None
     write_names(frame, names)
-    interleaver = outcome.interleaver
-    fallback = (frame.f_code.co_filename, frame.f_lineno)
-    cuts = [m.cut for m in mediators if m.ended and m.cut is not None]
-    for mediator in mediators:
-        if not mediator.ended:
-            continue  # abandoned after Ctrl-C: it clears its own state as it ends
-        for key, where, since in mediator.watch.found:
-            assert interleaver is not None
-            warn(interleaver.describe(key), where, since, frame)  # no `where`: it had ended
-        mediator.watch.clear()
-        mediator.ops = []
-        mediator.final_locals = mediator.result = mediator.error = mediator.cut = None
     outcome.mediators = []
     outcome.interleaver = None
+    for what, where, since in late:
+        warn(what, where, since, frame)  # no `where`: it had ended
+    fallback = (frame.f_code.co_filename, frame.f_lineno)
     for message, where in cuts:
         warn_stopped(message, where or fallback, frame)
     return False
