@@ -1,4 +1,4 @@
-"""Rows follow each value's real batch dimension (SPEC §3, issue 11 case 2).
+"""Rows follow each value's real batch dimension (issue 11 case 2).
 
 RNN states (`[layers, batch, H]`, also when `layers` equals the batch size) and sequence-first
 inputs, beam search and `num_return_sequences`, key/value cache objects, per-module overrides

@@ -1,4 +1,4 @@
-"""Gradients under activation checkpointing (SPEC §6): a trace on a checkpointed model gives the
+"""Gradients under activation checkpointing: a trace on a checkpointed model gives the
 gradients of the same trace without checkpointing, or refuses at once (reentrant checkpointing
 with a write inside the checkpointed region).
 

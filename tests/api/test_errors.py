@@ -1,4 +1,4 @@
-"""Every error row of SPEC section 7: the right type, a message that names the module path, the
+"""Every kind of error: the right type, a message that names the module path, the
 call and what to do instead, raised at the right moment, and nothing left behind."""
 
 # Bodies read values only to make a request (B018) and bind names to show they are bound (F841).

@@ -1,4 +1,4 @@
-"""SPEC section 7, second half: after every trace, whether it succeeded, failed or was
+"""Cleanup: after every trace, whether it succeeded, failed or was
 interrupted, no thread of it runs, no tap or hook of it is left, the model computes what it
 computed before, no activation is kept alive but by the user's own names, the caller's CPU mask
 is back; two traces at once each get their own results; Ctrl-C ends a trace within a second."""

@@ -1,4 +1,4 @@
-"""Memory (SPEC section 7): a trace holds nothing once it has ended, however it ended.
+"""Memory: a trace holds nothing once it has ended, however it ended.
 
 Part 1, the soak: many consecutive traces (a mix of successful ones, user errors, OutOfOrderError,
 MissedProviderError, model errors, tr.stop(), several invokes, functions, skips, caches and
@@ -501,7 +501,7 @@ def _failing_function(model: mediator.Model, x: torch.Tensor, refs: dict, errors
 
 @pytest.mark.parametrize("form", ["with", "function"])
 def test_a_kept_exception_keeps_the_body_frame_but_no_boundary_value(model, x, watch, form):
-    """SPEC 7: keeping the exception may keep the body's own frame (its bound names), but not the
+    """Keeping the exception may keep the body's own frame (its bound names), but not the
     interleaver and its boundary values. Under no_grad, so no graph links the values."""
     refs: dict[str, weakref.ref[Any]] = {}
     errors: list[BaseException] = []

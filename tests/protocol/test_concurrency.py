@@ -1,4 +1,4 @@
-"""Concurrency (SPEC section 7 and FIELD-NOTES): traces from several user threads at once each
+"""Concurrency: traces from several user threads at once each
 get their own results; a body may itself trace another model; importing mediator changes nothing
 global.
 

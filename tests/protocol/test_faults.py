@@ -1,4 +1,4 @@
-"""Fault injection: an exception raised at any point of the protocol (SPEC section 7, and the
+"""Fault injection: an exception raised at any point of the protocol (and the
 states of `_interleaver.py`) ends the trace with THAT exception, and leaves nothing behind: no
 busy mediator worker, no tap or hook on the model, and `net(x)` computes what it computed before.
 

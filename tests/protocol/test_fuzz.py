@@ -16,9 +16,10 @@ What is drawn (hypothesis)
 The oracle (`Sim`)
     Runs the same batched forward with every module's `forward` wrapped (the place where mediator
     meets a module; a forward hook would do for reads and swaps, but cannot skip a call) and
-    simulates the contract of SPEC.md and of the protocol in `_interleaver.py` with generators
-    instead of threads: reads block until the model reaches the value; at each boundary invokes are
-    served in definition order, each invoke's own earlier swaps and skips applied first; each invoke
+    simulates the user-facing contract (README) and the protocol in `_interleaver.py` with
+    generators instead of threads: reads block until the model reaches the value; at each boundary
+    invokes are served in definition order, each invoke's own earlier swaps and skips applied
+    first; each invoke
     reads and writes only its own rows (an empty invoke: all rows); `tr.iter` steps select call
     numbers; an open loop wakes when a module starts a call numbered >= its step and ends when the
     forward returns; barriers release when all parties arrived. It predicts the values every
@@ -26,7 +27,7 @@ The oracle (`Sim`)
     OutOfOrderError, MissedProviderError, ShapeError, MediatorError (a barrier not reached by all
     parties), UsageError, or the user's own exception.
 
-    Where the SPEC does not decide, the oracle does not guess: once the forward has returned,
+    Where the contract does not decide, the oracle does not guess: once the forward has returned,
     several bodies may each wait for something it can no longer give, and which is told first is
     the library's choice, so any of their errors is accepted (`Sim.finish`); two empty invokes
     skipping the same call make values unpredicted, not the outcome (`Sim.run_skipped`).
@@ -656,7 +657,7 @@ class Sim:
         m.waiting = None
         here = self.current
         if here is not None and any(op[1] == here.key for op in m.ops):  # released here early
-            # SPEC 2: "Reading a value again after setting it, at the same point, gives the
+            # "Reading a value again after setting it, at the same point, gives the
             # value that was set": a body resumed at a boundary it set gets its own pending
             # edits there first; one of the wrong shape raises at the request it was blocked on
             # (BUG_OWN_EDIT: the library once applied them only at the body's turn).
@@ -757,7 +758,7 @@ class Sim:
         whole = [m for m in skips if m.rows is None]
         if whole:
             # Two invokes that both see the whole batch skip one call: whose value wins is not
-            # in the SPEC, so values are not predicted (the outcome still is).
+            # in the contract, so values are not predicted (the outcome still is).
             self.ambiguous |= len(skips) > 1
             return skips[whole[0]]
         if sum(m.rows.stop - m.rows.start for m in skips) == self.total:  # type: ignore[union-attr]
@@ -781,7 +782,7 @@ class Sim:
                 self.settle()
                 continue
             # Every request still open can no longer be served, and the first body told so fails
-            # the trace. Which body is told first is the library's choice (the SPEC is silent),
+            # the trace. Which body is told first is the library's choice (the contract is silent),
             # so any of their errors is accepted: the oracle does not guess the order here.
             for m in blocked:
                 kind = m.waiting[0]  # type: ignore[index]
@@ -1252,7 +1253,7 @@ KNOWN = [
 )
 @pytest.mark.parametrize("form", ["function", "with"])
 def test_known_cases(expected: str, case: Case, form: str) -> None:
-    """The oracle predicts what a reader of the SPEC predicts, and the library agrees."""
+    """The oracle predicts what a reader of the contract predicts, and the library agrees."""
     info = probe(replace(case.net, seed=0))
     net = build(case.net)
     sim = oracle(case, net, inputs_of(case), contexts(case, info))
@@ -1282,7 +1283,7 @@ def test_the_check_fails_on_a_wrong_value() -> None:
 
 
 def test_bug_read_after_own_set_across_a_barrier(model: mediator.Model) -> None:
-    """SPEC 2: reading a value again after setting it, at the same point, gives the value set."""
+    """Reading a value again after setting it, at the same point, gives the value set."""
     a, b = torch.randn(1, 8), torch.randn(1, 8)
     with model.trace() as tr:
         bar = tr.barrier(2)
@@ -1297,7 +1298,7 @@ def test_bug_read_after_own_set_across_a_barrier(model: mediator.Model) -> None:
 
 
 def test_bug_later_set_across_a_barrier_is_overwritten(model: mediator.Model) -> None:
-    """SPEC 2: `.output = v` is a SWAP: the rest of the forward sees v (here: the latest v)."""
+    """`.output = v` is a SWAP: the rest of the forward sees v (here: the latest v)."""
     a, b = torch.randn(1, 8), torch.randn(1, 8)
     with model.trace() as tr:
         bar = tr.barrier(2)
@@ -1312,7 +1313,7 @@ def test_bug_later_set_across_a_barrier_is_overwritten(model: mediator.Model) ->
     assert torch.equal(after, torch.ones(1, 8))
 
 
-OWN_EDIT_CASES = [  # found by the fuzzer (shrunk), run with the SPEC's oracle
+OWN_EDIT_CASES = [  # found by the fuzzer (shrunk), run with the contract's oracle
     Case(
         NetSpec("seq", 4, blocks=("linear",)),
         (1, 0),

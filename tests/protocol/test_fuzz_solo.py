@@ -1,4 +1,4 @@
-"""Batching is invisible (SPEC §3, issue 11): random programs of several invokes, each checked
+"""Batching is invisible (issue 11): random programs of several invokes, each checked
 against the same invoke run ALONE with plain PyTorch forward wrappers.
 
 What is drawn (hypothesis)

@@ -1,7 +1,7 @@
 """Unit tests of `mediator._frames`: reading and writing the names of the frame that holds a
 `with` block (function locals, cells, module and class namespaces), releasing what was written
-(the FIELD-NOTES f_locals snapshot pitfall), skipping a body; and, in subprocesses, the same on
-the other CPython versions installed here (PEP 667 on 3.13)."""
+(the f_locals snapshot of CPython 3.11/3.12 keeps what it holds), skipping a body; and, in
+subprocesses, the same on the other CPython versions installed here (PEP 667 on 3.13)."""
 
 # Bodies read values only to make a request (B018) and bind names to show they are bound (F841).
 # ruff: noqa: B018, F841
@@ -123,7 +123,7 @@ def test_write_names_empty_does_nothing():
 
 
 def test_write_names_then_del_releases_the_value():
-    """FIELD-NOTES: on 3.11/3.12 the f_locals snapshot would keep a written value alive after
+    """On 3.11/3.12 the f_locals snapshot would keep a written value alive after
     the user deletes the name, unless the writer removes it from the snapshot."""
     if False:
         held = None
