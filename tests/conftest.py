@@ -7,6 +7,7 @@ import signal
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -81,6 +82,34 @@ def assert_untouched(*modules: nn.Module, hooks: int = 0) -> None:
     for module in modules:
         assert patched_forwards(module) == [], "a tap was left on the model"
     assert sum(hook_count(module) for module in modules) == hooks
+
+
+def tiny_gpt2(seed: int, **config: Any) -> nn.Module:
+    """A config-built GPT-2 (2 layers, 32 wide, 2 heads, 100 tokens, unless `config` says
+    otherwise) in eval mode, its weights drawn from `seed`; skips without `transformers`."""
+    transformers = pytest.importorskip("transformers")
+    transformers.logging.set_verbosity_error()
+    options = {"n_layer": 2, "n_embd": 32, "n_head": 2, "vocab_size": 100, **config}
+    torch.manual_seed(seed)
+    return transformers.GPT2LMHeadModel(transformers.GPT2Config(**options)).eval()
+
+
+def tiny_llama(seed: int, **config: Any) -> nn.Module:
+    """A config-built Llama (2 layers, 32 wide, 2 heads and 2 key/value heads, 100 tokens,
+    unless `config` says otherwise) in eval mode, its weights drawn from `seed`."""
+    transformers = pytest.importorskip("transformers")
+    transformers.logging.set_verbosity_error()
+    options = {
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 2,
+        "vocab_size": 100,
+        **config,
+    }
+    torch.manual_seed(seed)
+    return transformers.LlamaForCausalLM(transformers.LlamaConfig(**options)).eval()
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import assert_untouched
+from conftest import assert_untouched, tiny_gpt2
 from torch import nn
 
 import mediator
@@ -321,20 +321,7 @@ def test_declared_sequence_first_layer_reads_equal_solo():
 
 @pytest.fixture(scope="module")
 def gpt2() -> nn.Module:
-    transformers = pytest.importorskip("transformers")
-    transformers.logging.set_verbosity_error()
-    config = transformers.GPT2Config(
-        n_layer=2,
-        n_embd=32,
-        n_head=2,
-        vocab_size=100,
-        n_positions=32,
-        eos_token_id=None,
-        bos_token_id=None,
-        pad_token_id=0,
-    )
-    torch.manual_seed(30)
-    return transformers.GPT2LMHeadModel(config).eval()
+    return tiny_gpt2(30, n_positions=32, eos_token_id=None, bos_token_id=None, pad_token_id=0)
 
 
 PROMPTS = (torch.tensor([[5, 17, 42, 8]]), torch.tensor([[61, 3, 29, 77]]))

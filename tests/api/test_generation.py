@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import assert_untouched
+from conftest import assert_untouched, tiny_gpt2, tiny_llama
 from torch import nn
 
 import mediator
@@ -315,37 +315,19 @@ def test_generate_on_model_without_generate_is_usage_error(net, x):
 
 
 def _gpt2() -> nn.Module:
-    transformers = pytest.importorskip("transformers")
-    transformers.logging.set_verbosity_error()
-    config = transformers.GPT2Config(
-        n_layer=2,
-        n_embd=64,
-        n_head=4,
-        vocab_size=100,
-        n_positions=64,
-        eos_token_id=None,
-        bos_token_id=None,
-    )
-    torch.manual_seed(21)
-    return transformers.GPT2LMHeadModel(config).eval()
+    return tiny_gpt2(21, n_embd=64, n_head=4, n_positions=64, eos_token_id=None, bos_token_id=None)
 
 
 def _llama() -> nn.Module:
-    transformers = pytest.importorskip("transformers")
-    transformers.logging.set_verbosity_error()
-    config = transformers.LlamaConfig(
+    return tiny_llama(
+        22,
         hidden_size=64,
         intermediate_size=128,
-        num_hidden_layers=2,
         num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=100,
         pad_token_id=0,
         eos_token_id=None,
         bos_token_id=None,
     )
-    torch.manual_seed(22)
-    return transformers.LlamaForCausalLM(config).eval()
 
 
 @pytest.fixture(params=["gpt2", "llama"])

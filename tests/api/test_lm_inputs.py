@@ -15,7 +15,7 @@ import re
 
 import pytest
 import torch
-from conftest import MLP, assert_untouched
+from conftest import MLP, assert_untouched, tiny_gpt2, tiny_llama
 from torch import nn
 
 import mediator
@@ -27,23 +27,11 @@ HERE = re.escape(__file__.rsplit("/", 1)[-1])
 
 
 def _gpt2() -> nn.Module:
-    config = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=100, n_positions=64)
-    torch.manual_seed(41)
-    return transformers.GPT2LMHeadModel(config).eval()
+    return tiny_gpt2(41, n_positions=64)
 
 
 def _llama() -> nn.Module:
-    config = transformers.LlamaConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        vocab_size=100,
-        pad_token_id=0,
-    )
-    torch.manual_seed(42)
-    return transformers.LlamaForCausalLM(config).eval()
+    return tiny_llama(42, pad_token_id=0)
 
 
 def _tiny() -> nn.Module:

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import assert_untouched
+from conftest import assert_untouched, tiny_gpt2, tiny_llama
 from torch import nn
 
 import mediator
@@ -26,22 +26,11 @@ transformers.logging.set_verbosity_error()
 
 
 def _gpt2() -> nn.Module:
-    config = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=100, n_positions=64)
-    torch.manual_seed(31)
-    return transformers.GPT2LMHeadModel(config).eval()
+    return tiny_gpt2(31, n_positions=64)
 
 
 def _llama() -> nn.Module:
-    config = transformers.LlamaConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        vocab_size=100,
-    )
-    torch.manual_seed(32)
-    return transformers.LlamaForCausalLM(config).eval()
+    return tiny_llama(32)
 
 
 @pytest.fixture(params=["gpt2", "llama"])
