@@ -19,7 +19,7 @@ import torch
 
 from ._batcher import merge_with, narrow_with
 from ._errors import ShapeError
-from ._tree import describe, leaves, tensors
+from ._tree import describe, leaves, same_tensor, tensors
 
 if TYPE_CHECKING:
     from ._interleaver import Interleaver
@@ -92,7 +92,7 @@ class Boundary:
             new_leaves = [new] if isinstance(new, torch.Tensor) else leaves(new)
             for position, tensor in shared:
                 kept = new_leaves[position]
-                if kept is not tensor and not _equal(kept, tensor):
+                if not same_tensor(kept, tensor):  # a replacement keeping its values is no write
                     raise ShapeError(self._shared_write(mediator, tensor, f"replaced at {where}"))
             self.views[mediator] = new
             self.dirty = True
@@ -150,16 +150,6 @@ def _shared(full: Any, view: Any) -> list[tuple[int, torch.Tensor]]:
         for position, (leaf, whole) in enumerate(zip(leaves(view), full_leaves, strict=False))
         if leaf is whole and isinstance(leaf, torch.Tensor)
     ]
-
-
-def _equal(new: Any, old: torch.Tensor) -> bool:
-    """Whether a replacement of a shared tensor keeps its values (a clone, say): no write."""
-    return (
-        isinstance(new, torch.Tensor)
-        and new.shape == old.shape
-        and new.dtype == old.dtype
-        and bool(torch.equal(new, old))
-    )
 
 
 def _requires_grad(value: Any) -> bool:

@@ -15,7 +15,7 @@ import torch
 from ._errors import ShapeError
 from ._kv_cache import is_cache
 from ._rows import without
-from ._tree import describe
+from ._tree import describe, same_tensor
 
 
 def concatenate_column(
@@ -74,11 +74,7 @@ def concatenate_column(
 def _same_constant(first: Any, value: Any) -> bool:
     """Whether an input without rows is the same in two invokes (tensors: equal values)."""
     if isinstance(first, torch.Tensor) or isinstance(value, torch.Tensor):
-        return (
-            isinstance(first, torch.Tensor)
-            and isinstance(value, torch.Tensor)
-            and (value is first or (first.shape == value.shape and bool(torch.equal(first, value))))
-        )
+        return same_tensor(first, value)
     return bool(value == first)
 
 

@@ -15,7 +15,7 @@ import torch
 
 from ._errors import RowlessValueWarning, ShapeError
 from ._layouts import Dims
-from ._tree import describe
+from ._tree import describe, same_tensor
 
 
 def without(tensor: torch.Tensor, dim: int) -> tuple[int, ...]:
@@ -138,7 +138,7 @@ def join_leaves(column: tuple[Any, ...], parts: list[tuple[slice, Any]], dim: in
     if not all(batched(leaf, size) for leaf, size in zip(column, sizes, strict=True)):
         if all(leaf.shape == first.shape for leaf in column):
             for leaf, (rows, _) in zip(column[1:], parts[1:], strict=False):
-                if leaf is not first and not torch.equal(leaf, first):
+                if not same_tensor(leaf, first):
                     raise ShapeError(
                         f"the value for rows {rows.start}:{rows.stop} holds {describe(leaf)}, "
                         "a value without rows (every invoke shares it whole), unlike the one "

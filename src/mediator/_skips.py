@@ -44,6 +44,7 @@ from ._interrupts import model_call_site
 from ._kv_cache import is_cache
 from ._layouts import Dims
 from ._protocol import OUTPUT, Key
+from ._rows import rows_factor
 from ._tap import strip
 from ._tree import flatten, tensors
 
@@ -363,10 +364,9 @@ def _expansion(parts: list[tuple[slice, Any]], dims: Dims, expand: tuple[int, ..
     rows, value = parts[0]
     leaf = next(iter(tensors(value)), None)
     dim = 0 if dims is None else dims[0]
-    if leaf is None or dim is None or leaf.dim() <= dim:
+    if leaf is None:
         return 1
-    size = rows.stop - rows.start
-    return next((f for f in expand if leaf.shape[dim] == size * f), 1)
+    return rows_factor(leaf, dim, rows.stop - rows.start, expand, declared=False) or 1
 
 
 def _refuse_cache_writes(

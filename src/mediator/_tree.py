@@ -102,6 +102,15 @@ def tensors(value: Any) -> list[torch.Tensor]:
     return [leaf for leaf in flatten(value)[0] if isinstance(leaf, torch.Tensor)]
 
 
+def same_tensor(a: Any, b: Any) -> bool:
+    """Whether `a` and `b` are one tensor, or tensors of one shape with equal values."""
+    return (
+        isinstance(a, torch.Tensor)
+        and isinstance(b, torch.Tensor)
+        and (a is b or (a.shape == b.shape and bool(torch.equal(a, b))))
+    )
+
+
 def describe(value: Any) -> str:
     """A short human description of a value: `tensor[2, 5] float32` or `tuple of 3`."""
     if isinstance(value, torch.Tensor):
