@@ -17,10 +17,14 @@ PACKAGE_DIR = os.path.dirname(__file__)
 
 def user_frame() -> types.FrameType | None:
     """The innermost frame outside this package on the calling thread."""
-    frame: Any = sys._getframe(1)
+    return first_user_frame(sys._getframe(1))
+
+
+def first_user_frame(frame: types.FrameType | None) -> types.FrameType | None:
+    """`frame` or the first frame below it (towards the caller) outside this package."""
     while frame is not None and frame.f_code.co_filename.startswith(PACKAGE_DIR):
         frame = frame.f_back
-    return frame  # type: ignore[no-any-return]
+    return frame
 
 
 def outer_user_frame() -> types.FrameType | None:

@@ -28,7 +28,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from . import _context, _workers
-from ._callsite import PACKAGE_DIR, user_traceback
+from ._callsite import first_user_frame, user_traceback
 from ._errors import MissedProviderError, OutOfOrderError
 from ._late_edits import LateEditWatch
 from ._protocol import (
@@ -329,8 +329,7 @@ class Mediator:
         """The user's line where this BLOCKED body waits (read from its thread's stack)."""
         thread = self.thread
         frame = None if thread is None else sys._current_frames().get(thread.ident or -1)
-        while frame is not None and frame.f_code.co_filename.startswith(PACKAGE_DIR):
-            frame = frame.f_back
+        frame = first_user_frame(frame)
         return None if frame is None else (frame.f_code.co_filename, frame.f_lineno)
 
     def _body_frame(self) -> Any:
