@@ -19,7 +19,7 @@ import torch
 
 from ._batcher import merge_with, narrow_with
 from ._errors import ShapeError
-from ._tree import describe, leaves, same_tensor, tensors
+from ._tree import describe, leaves, same_tensor
 
 if TYPE_CHECKING:
     from ._interleaver import Interleaver
@@ -61,9 +61,12 @@ class Boundary:
                 view = il.batcher.narrow(self.value, mediator.rows, il.total)
             else:
                 view = self._narrow_by_layout(mediator, mediator.rows, dims)
-            if torch.is_grad_enabled() and _requires_grad(view):
+            view_leaves = leaves(view)
+            if torch.is_grad_enabled() and any(
+                isinstance(leaf, torch.Tensor) and leaf.requires_grad for leaf in view_leaves
+            ):
                 self.dirty = True  # so the rest of the forward computes from this very view
-            shared = _shared(self.value, view)
+            shared = _shared(self.value, view, view_leaves)
             if shared:
                 self.shared.extend((mediator, t, t._version) for _, t in shared)
         self.views[mediator] = view
@@ -88,8 +91,8 @@ class Boundary:
             self.views = {mediator: new}
             self.dirty = False
         else:
-            shared = _shared(self.value, old)
-            new_leaves = [new] if isinstance(new, torch.Tensor) else leaves(new)
+            shared = _shared(self.value, old, leaves(old))
+            new_leaves = leaves(new)
             for position, tensor in shared:
                 kept = new_leaves[position]
                 if not same_tensor(kept, tensor):  # a replacement keeping its values is no write
@@ -139,18 +142,14 @@ class Boundary:
         return self.interleaver.describe(self.key)
 
 
-def _shared(full: Any, view: Any) -> list[tuple[int, torch.Tensor]]:
-    """The tensors of an invoke's `view` that are the full value's own (not cut to its rows),
-    with their position among the value's leaves (`_tree.leaves`)."""
+def _shared(full: Any, view: Any, view_leaves: list[Any]) -> list[tuple[int, torch.Tensor]]:
+    """The tensors of an invoke's `view` (whose leaves are `view_leaves`) that are the full
+    value's own (not cut to its rows), with their position among the value's leaves."""
     if isinstance(view, torch.Tensor):
         return [(0, view)] if view is full else []
     full_leaves = leaves(full)
     return [
         (position, leaf)
-        for position, (leaf, whole) in enumerate(zip(leaves(view), full_leaves, strict=False))
+        for position, (leaf, whole) in enumerate(zip(view_leaves, full_leaves, strict=False))
         if leaf is whole and isinstance(leaf, torch.Tensor)
     ]
-
-
-def _requires_grad(value: Any) -> bool:
-    return any(leaf.requires_grad for leaf in tensors(value))
