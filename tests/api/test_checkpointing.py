@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import assert_untouched, hook_count
+from conftest import assert_untouched, hook_count, tiny_gpt2
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -56,17 +56,7 @@ def assert_same_grads(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor
 
 def gpt2(reentrant: bool | None) -> nn.Module:
     """The same tiny GPT-2 every time, in train mode (so HF checkpoints) without dropout."""
-    config = transformers.GPT2Config(
-        n_layer=2,
-        n_embd=32,
-        n_head=2,
-        vocab_size=100,
-        resid_pdrop=0.0,
-        embd_pdrop=0.0,
-        attn_pdrop=0.0,
-    )
-    torch.manual_seed(0)
-    net = transformers.GPT2LMHeadModel(config).train()
+    net = tiny_gpt2(0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0).train()
     if reentrant is not None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)  # renamed in transformers 5
