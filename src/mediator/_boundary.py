@@ -66,8 +66,8 @@ class Boundary:
                 isinstance(leaf, torch.Tensor) and leaf.requires_grad for leaf in view_leaves
             ):
                 self.dirty = True  # so the rest of the forward computes from this very view
-            shared = _shared(self.value, view, view_leaves)
-            if shared:
+            if self._one_of_several(mediator):
+                shared = _shared(self.value, view, view_leaves)
                 self.shared.extend((mediator, t, t._version) for _, t in shared)
         self.views[mediator] = view
         self.handed.append((mediator, view))
@@ -91,7 +91,7 @@ class Boundary:
             self.views = {mediator: new}
             self.dirty = False
         else:
-            shared = _shared(self.value, old, leaves(old))
+            shared = _shared(self.value, old, leaves(old)) if self._one_of_several(mediator) else []
             new_leaves = leaves(new)
             for position, tensor in shared:
                 kept = new_leaves[position]
@@ -99,6 +99,14 @@ class Boundary:
                     raise ShapeError(self._shared_write(mediator, tensor, f"replaced at {where}"))
             self.views[mediator] = new
             self.dirty = True
+
+    def _one_of_several(self, mediator: Mediator) -> bool:
+        """Whether `mediator` (which has inputs) holds only some of the rows: a tensor it is
+        handed whole is then shared with other invokes. One that holds every row owns its value
+        (the tensors of its view are the value's own)."""
+        rows = mediator.rows
+        assert rows is not None
+        return rows.stop - rows.start < self.interleaver.total
 
     def merged(self) -> Any:
         """The full value with every invoke's edits written back."""

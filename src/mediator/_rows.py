@@ -67,7 +67,7 @@ def is_batch(leaf: Any, total: int) -> bool:
 
 def narrow_leaf(leaf: Any, rows: slice, total: int) -> Any:
     if is_batch(leaf, total):
-        return leaf[rows]
+        return leaf if rows.stop - rows.start == total else leaf[rows]
     if isinstance(leaf, torch.Tensor) and leaf.dim() == 0:
         warn_rowless(leaf, rows, total)
     return leaf
@@ -101,6 +101,8 @@ def narrow_along(
     if factor is None or dim is None:
         if dim is not None and leaf.dim() == 0 and not in_cache:
             warn_rowless(leaf, rows, total)
+        return leaf
+    if rows.stop - rows.start == total:  # every row: the tensor itself (no view, no merge)
         return leaf
     own = scaled(rows, factor)
     return leaf[own] if dim == 0 else leaf.narrow(dim, own.start, own.stop - own.start)
@@ -169,6 +171,8 @@ def merge_rows(leaf: torch.Tensor, views: list[tuple[slice, Any]], dim: int) -> 
     place)."""
     if len(views) == 1:
         rows, view = views[0]
+        if view.shape == leaf.shape:  # the invoke holds every row: its view is the value
+            return view
         return torch.slice_scatter(leaf, view, dim, rows.start, rows.stop)
     parts = []
     covered = 0
