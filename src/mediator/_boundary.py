@@ -104,9 +104,10 @@ class Boundary:
         """Whether `mediator` (which has inputs) holds only some of the rows: a tensor it is
         handed whole is then shared with other invokes. One that holds every row owns its value
         (the tensors of its view are the value's own)."""
-        rows = mediator.rows
+        rows: slice | None = mediator.rows
         assert rows is not None
-        return rows.stop - rows.start < self.interleaver.total
+        held: int = rows.stop - rows.start
+        return held < self.interleaver.total
 
     def merged(self) -> Any:
         """The full value with every invoke's edits written back."""
