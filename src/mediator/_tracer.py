@@ -473,12 +473,14 @@ def _holds_tensor(value: Any) -> bool:
 
 
 def _site_of(traced: Traced, module: Any) -> tuple[int, str]:
-    """The site index and path of a module given as an Envoy or a path."""
+    """The site index and path of a module given as an Envoy or a path (aliases too)."""
     path = module if isinstance(module, str) else getattr(module, "path", None)
     if not isinstance(path, str):
         raise TypeError(f"tr.cache(modules=...) takes Envoys or paths, got {type(module).__name__}")
-    if path in traced.paths:
-        return traced.paths.index(path), path
+    found = traced.renames.find(path)  # real names, aliases or both
+    site = None if found is None else traced.sites.get(id(found))
+    if site is not None:
+        return site, path  # recorded under the name the user wrote
     hint = closest_hint(path, traced.paths)
     raise UsageError(f"tr.cache(): the model has no module {path!r} that it calls.{hint}")
 
