@@ -87,9 +87,8 @@ ARCHITECTURES: dict[str, tuple[Callable[[], Any], tuple[str, str, str, str | Non
 }
 
 
-@functools.cache
 def _built(model_type: str) -> nn.Module:
-    """Each architecture, built once for the whole file."""
+    """A tiny model of the architecture, its weights drawn from seed 0."""
     config, _ = ARCHITECTURES[model_type]
     torch.manual_seed(0)
     return transformers.AutoModelForCausalLM.from_config(config()).eval()
@@ -319,32 +318,30 @@ def test_rules_for_any_module() -> None:
     assert torch.equal(h, seen[0]) and torch.equal(also, seen[0])
 
 
-@pytest.mark.parametrize(
-    ("rename", "message"),
-    [
-        ({"transformer.hh": "layers"}, r"has no module 'transformer.hh'.*'transformer.h'"),
-        ({"atn": "self_attn"}, r"no module .* has a child named 'atn'.*'attn'"),
-        ({"attn": "mlp"}, r"model.transformer.h.0 \(GPT2Block\) already has an attribute 'mlp'"),
-        ({"transformer.h": "output"}, r"already has an attribute 'output'"),
-        ({"transformer.h": "config"}, r"already has an attribute 'config'"),
-        ({"transformer.h": "transformer"}, r"already has an attribute 'transformer'"),
-        ({"transformer.h": "nowhere.layers"}, r"the alias's parent 'nowhere' is no module"),
-        ({"attn": "x.self_attn"}, r"its alias must be one name \(no dots\)"),
-        ({"transformer.h": "two words"}, r"a public Python identifier"),
-        ({"transformer.h": "_layers"}, r"a public Python identifier"),
-        (
-            {"transformer.wte": "emb", "transformer.wpe": "emb"},
-            r"'transformer.wpe' -> 'emb': the model already has an alias 'emb' for another",
-        ),
-        ({"transformer.h": ""}, r"non-empty strings"),
-        (["transformer.h"], r"takes a dict"),
-    ],
-)
-def test_a_bad_rename_is_a_usage_error_at_construction(
-    gpt2: nn.Module, rename: Any, message: str
-) -> None:
-    with pytest.raises(UsageError, match=message):
-        Model(gpt2, rename=rename)
+BAD_RENAMES: list[tuple[Any, str]] = [
+    ({"transformer.hh": "layers"}, r"has no module 'transformer.hh'.*'transformer.h'"),
+    ({"atn": "self_attn"}, r"no module .* has a child named 'atn'.*'attn'"),
+    ({"attn": "mlp"}, r"model.transformer.h.0 \(GPT2Block\) already has an attribute 'mlp'"),
+    ({"transformer.h": "output"}, r"already has an attribute 'output'"),
+    ({"transformer.h": "config"}, r"already has an attribute 'config'"),
+    ({"transformer.h": "transformer"}, r"already has an attribute 'transformer'"),
+    ({"transformer.h": "nowhere.layers"}, r"the alias's parent 'nowhere' is no module"),
+    ({"attn": "x.self_attn"}, r"its alias must be one name \(no dots\)"),
+    ({"transformer.h": "two words"}, r"a public Python identifier"),
+    ({"transformer.h": "_layers"}, r"a public Python identifier"),
+    (
+        {"transformer.wte": "emb", "transformer.wpe": "emb"},
+        r"'transformer.wpe' -> 'emb': the model already has an alias 'emb' for another",
+    ),
+    ({"transformer.h": ""}, r"non-empty strings"),
+    (["transformer.h"], r"takes a dict"),
+]
+
+
+def test_a_bad_rename_is_a_usage_error_at_construction(gpt2: nn.Module) -> None:
+    for rename, message in BAD_RENAMES:
+        with pytest.raises(UsageError, match=message):
+            Model(gpt2, rename=rename)
 
 
 def test_a_model_without_renames_has_no_aliases(gpt2: nn.Module) -> None:
