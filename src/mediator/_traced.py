@@ -52,3 +52,13 @@ class Traced:
         dims = site_dims(module, paths, layouts)
         renames = Renames(module, None, frozenset()) if renames is None else renames
         return cls(module, paths, taps, sites, batcher, pin_threads, dims, renames)
+
+    def site_at(self, path: str) -> int | None:
+        """The site of the module at `path`, written with real names, aliases or both."""
+        found = self.renames.find(path)
+        return None if found is None else self.sites.get(id(found))
+
+    def real_path(self, path: str) -> str | None:
+        """The path of the site at `path` (which may use aliases), if there is one."""
+        site = self.site_at(path)
+        return None if site is None else self.paths[site]

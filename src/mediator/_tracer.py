@@ -366,13 +366,13 @@ class Tracer:
             paths = dict(_site_of(traced, module) for module in modules)
         mediator = _context.current()
         if mediator is not None and mediator.tracer is self:
-            cache = Cache(paths, mediator.rows, inputs)
+            cache = Cache(paths, mediator.rows, inputs, traced.real_path)
             assert mediator.interleaver is not None
             mediator.interleaver.open_cache(cache)
             return cache
         if self._state is not TraceState.OPEN:
             raise UsageError("tr.cache() after the trace ran: open it in the trace's block")
-        cache = Cache(paths, None, inputs)
+        cache = Cache(paths, None, inputs, traced.real_path)
         self._caches.append(cache)
         return cache
 
@@ -477,8 +477,7 @@ def _site_of(traced: Traced, module: Any) -> tuple[int, str]:
     path = module if isinstance(module, str) else getattr(module, "path", None)
     if not isinstance(path, str):
         raise TypeError(f"tr.cache(modules=...) takes Envoys or paths, got {type(module).__name__}")
-    found = traced.renames.find(path)  # real names, aliases or both
-    site = None if found is None else traced.sites.get(id(found))
+    site = traced.site_at(path)  # real names, aliases or both
     if site is not None:
         return site, path  # recorded under the name the user wrote
     hint = closest_hint(path, traced.paths)

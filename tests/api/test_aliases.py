@@ -267,6 +267,11 @@ def test_cache_keys_are_the_names_written(
     assert _same(cache["layers.0.self_attn"][0], expected["a"])
     assert torch.equal(cache["layers.1.mlp"][0], expected["b"])
     assert _same(cache["transformer.h.1.self_attn"][0], expected["c"])
+    with torch.no_grad(), aliased.trace(ids) as tr:
+        everything = tr.cache()  # kept under the real paths, found by aliases too
+    assert "transformer.h.0.attn" in everything and "layers.0.self_attn" not in list(everything)
+    assert everything["layers.0.self_attn"] is everything["transformer.h.0.attn"]
+    assert _same(everything["layers.0.self_attn"][0], expected["a"])
     with pytest.raises(UsageError, match="no module 'layers.7.self_attn'"):
         with aliased.trace(ids) as tr:
             tr.cache(modules=["layers.7.self_attn"])
