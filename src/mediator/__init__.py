@@ -15,6 +15,7 @@ Example:
 """
 
 from . import models
+from ._aliases import standard_renames
 from ._barrier import Barrier
 from ._batcher import Batcher
 from ._causal_lm import CausalLMBatcher
@@ -52,6 +53,7 @@ __all__ = [
     "Tracer",
     "UsageError",
     "models",
+    "standard_renames",
 ]
 
 __version__ = "0.1.0"

@@ -79,13 +79,15 @@ class Boundary:
         try:
             return narrow_with(il.batcher, self.value, rows, il.total, dims, il.expand)
         except ShapeError as error:
-            raise ShapeError(f"{self.describe()}, read by {mediator.label()}: {error}") from None
+            where = self.describe(mediator)
+            raise ShapeError(f"{where}, read by {mediator.label()}: {error}") from None
 
     def swap(self, mediator: Mediator, apply: Callable[[Any], Any], where: str) -> None:
         """Replace `mediator`'s view by `apply(view)`; raises ShapeError if it does not fit."""
         old = self.view(mediator)
         new = apply(old)
-        self.interleaver.batcher.check_replacement(old, new, f"{self.describe()} at {where}")
+        here = self.describe(mediator)
+        self.interleaver.batcher.check_replacement(old, new, f"{here} at {where}")
         if mediator.rows is None:
             self.value = new
             self.views = {mediator: new}
@@ -138,8 +140,9 @@ class Boundary:
                 raise ShapeError(self._shared_write(mediator, tensor, "edited in place"))
 
     def _shared_write(self, mediator: Mediator, tensor: torch.Tensor, how: str) -> str:
+        where = self.describe(mediator)
         return (
-            f"{self.describe()}: {mediator.label()} {how} {describe(tensor)}, a value without "
+            f"{where}: {mediator.label()} {how} {describe(tensor)}, a value without "
             f"rows of its own (not batched along the batch dim of {self.interleaver.total} rows "
             "the library knows for it): every invoke is handed it whole, so the write would "
             "reach the other invokes too. Write it from an invoke without inputs (tr.invoke()), "
@@ -147,8 +150,8 @@ class Boundary:
             "are with mediator.Batcher(batch_dims={path: ...})"
         )
 
-    def describe(self) -> str:
-        return self.interleaver.describe(self.key)
+    def describe(self, by: Mediator | None = None) -> str:
+        return self.interleaver.describe(self.key, by)
 
 
 def _shared(full: Any, view: Any, view_leaves: list[Any]) -> list[tuple[int, torch.Tensor]]:

@@ -8,18 +8,23 @@ never copies, and nothing after the trace but what the user's names reach.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 from ._names import closest_hint
+
+RealPath = Callable[[str], "str | None"]  # a path written with aliases -> the module's real path
 
 
 class _Calls(Mapping[str, list[Any]]):
     """Recorded values by module path, one list per module, one entry per call; a path that is
     not there is explained (closest recorded paths, or why nothing is recorded)."""
 
-    def __init__(self, paths: dict[int, str], what: str, missing: str = "") -> None:
+    def __init__(
+        self, paths: dict[int, str], what: str, real_path: RealPath, missing: str = ""
+    ) -> None:
         self.paths = paths  # site -> path, for the modules the cache records
+        self.real_path = real_path  # a path written with aliases -> the real one
         self.recorded: dict[str, list[Any]] = {}
         self._what = what  # "outputs" or "inputs", for errors
         self._missing = missing  # why nothing at all is recorded, if so
@@ -27,6 +32,9 @@ class _Calls(Mapping[str, list[Any]]):
     def __getitem__(self, path: str) -> list[Any]:
         if path in self.recorded:
             return self.recorded[path]
+        real = self.real_path(path)
+        if real is not None and real in self.recorded:  # an alias of a module recorded
+            return self.recorded[real]
         if self._missing:
             raise KeyError(f"{path!r}: {self._missing}")
         known = list(self.paths.values())
@@ -54,6 +62,9 @@ class Cache(Mapping[str, list[Any]]):
     `len()`) over the modules that have been called since it was opened; the values are the
     ones the rest of the forward saw, after every intervention. `cache.inputs` is the same kind
     of mapping; a path either one lacks raises `KeyError` naming the closest recorded ones.
+    Values are kept under the paths given to `tr.cache(modules=...)`, aliases included, else
+    under the real paths; a module's alias finds them too (`cache["layers.0"]` for
+    `transformer.h.0`).
 
     Example:
 
@@ -64,13 +75,19 @@ class Cache(Mapping[str, list[Any]]):
             print(path, [tuple(o.shape) for o in outputs])
     """
 
-    def __init__(self, paths: dict[int, str], rows: slice | None, inputs: bool) -> None:
+    def __init__(
+        self,
+        paths: dict[int, str],
+        rows: slice | None,
+        inputs: bool,
+        real_path: RealPath = lambda path: None,
+    ) -> None:
         self.paths = paths  # site -> path, for the modules this cache records
         self.rows = rows
         self.record_inputs = inputs
-        self.outputs = _Calls(paths, "outputs")
+        self.outputs = _Calls(paths, "outputs", real_path)
         missing = "" if inputs else "this cache records no inputs: open it with inputs=True"
-        self.inputs = _Calls(paths, "inputs", missing)
+        self.inputs = _Calls(paths, "inputs", real_path, missing)
 
     def __getitem__(self, path: str) -> list[Any]:
         """The recorded outputs of the module at `path`, one per call, in call order.

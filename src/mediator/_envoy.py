@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import functools
 import inspect
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any, overload
 
 from torch import nn
@@ -24,6 +24,7 @@ from ._lm_loss import LossFunction
 from ._mediator import Mediator
 from ._names import closest_hint
 from ._protocol import INPUT, OUTPUT, Key
+from ._renames import Renames
 from ._traced import Traced
 from ._tracer import Tracer
 
@@ -58,13 +59,19 @@ class Envoy:
     _site: int | None
     _children: dict[str, Envoy]
     _items: tuple[Envoy, ...]
+    _aliases: Mapping[str, nn.Module]
+    _aliased: bool
 
     def __init__(self, module: nn.Module, path: str, model: Model) -> None:
         object.__setattr__(self, "_module", module)
         object.__setattr__(self, "_plain", module)  # what a plain call calls
         object.__setattr__(self, "_path", path)
         object.__setattr__(self, "_model", model)
-        object.__setattr__(self, "_site", model._traced.sites.get(id(module)))
+        site = model._traced.sites.get(id(module))
+        object.__setattr__(self, "_site", site)
+        object.__setattr__(self, "_aliases", model._traced.renames.of(module))
+        # reached through an alias: requests tell the mediator the name to use in errors
+        object.__setattr__(self, "_aliased", site is not None and model._traced.paths[site] != path)
         made: dict[int, Envoy] = {}  # a module registered twice is one Envoy, at its first path
         children: dict[str, Envoy] = {}
         for name, child in module._modules.items():
@@ -97,6 +104,8 @@ class Envoy:
         children = self.__dict__["_children"]
         if name in children:
             return children[name]
+        if name in self.__dict__["_aliases"]:
+            return self._alias(name)
         module = self.__dict__["_module"]
         try:
             return getattr(module, name)
@@ -133,6 +142,8 @@ class Envoy:
         """
         children = self._children
         if isinstance(key, str):
+            if key in self._aliases:
+                return getattr(self, key)  # type: ignore[no-any-return]
             if key not in children:
                 raise KeyError(self._unknown(key))
             return children[key]
@@ -168,20 +179,30 @@ class Envoy:
         return repr(self._module)
 
     def __dir__(self) -> list[str]:
-        return sorted(set(super().__dir__()) | set(self._children) | set(dir(self._module)))
+        names = set(super().__dir__()) | set(self._children) | set(self._aliases)
+        return sorted(names | set(dir(self._module)))
+
+    def _alias(self, name: str) -> Envoy:
+        """The Envoy of alias child `name`: the same module, under the path the user wrote.
+        Built on first use and then found by plain attribute lookup."""
+        path = f"{self._path}.{name}" if self._path else name
+        envoy = Envoy(self._aliases[name], path, self._model)
+        self.__dict__[name] = envoy
+        return envoy
 
     def _label(self) -> str:
         return f"model.{self._path}" if self._path else "model"
 
     def _unknown(self, name: str) -> str:
         module = self._module
-        known = [*self._children, *module._parameters, *module._buffers]
+        known = [*self._children, *self._aliases, *module._parameters, *module._buffers]
         known += [n for n in vars(module) if not n.startswith("_")]
         hint = closest_hint(name, known, question=True)
         children = ", ".join(self._children) or "none"
+        aliases = f"; its aliases: {', '.join(self._aliases)}" if self._aliases else ""
         return (
             f"{self._label()} ({type(self._module).__name__}) has no child or attribute "
-            f"{name!r}.{hint} Its children: {children}"
+            f"{name!r}.{hint} Its children: {children}{aliases}"
         )
 
     # -- interventions ------------------------------------------------------------------------
@@ -207,6 +228,8 @@ class Envoy:
                 "itself; use one of its children, e.g. "
                 f"{self._label()}[0].{what}"
             )
+        if self._aliased or mediator.spelled:
+            mediator.spelled[site] = self._path  # errors name the module as the body did
         return mediator, (site, kind, mediator.step)
 
     @property
@@ -336,6 +359,14 @@ class Model(Envoy):
     (by default `CausalLMBatcher` for language models that have `generate` and a `config`, else
     `Batcher`); `pin_threads=False` stops a trace from keeping its threads on the caller's CPU.
 
+    `rename` gives modules aliases beside their real names; both address the same module, and
+    errors and `tr.cache()` keys use the name a body wrote. A key with dots is a module's path
+    from the root and its alias a path from the root (`{"transformer.h": "layers"}`: then
+    `model.layers[0]` is `model.transformer.h[0]`); a key without dots is a child's name, and
+    every child so named gets the alias (one name) beside it (`{"attn": "self_attn"}`). An alias
+    that names no module or clashes with an existing attribute is a `UsageError`.
+    `mediator.standard_renames(net)` gives the standard names of Hugging Face language models.
+
     A compiled module works too. `Model(torch.compile(net))` has the paths of `net`, and plain
     calls (`model(x)`) run the compiled code; traces run the module eagerly, since interventions
     run in Python between its modules, and leave dynamo's caches as they were, so that plain calls
@@ -351,18 +382,31 @@ class Model(Envoy):
             h = model.layers[1].output
             model.layers[1].output = h * 2
             logits = model.output
+        model = mediator.Model(gpt2, rename={"transformer.h": "layers", "attn": "self_attn"})
+        model.layers[0].self_attn                   # the Envoy of transformer.h.0.attn
     """
 
+    _traced: Traced
+
     def __init__(
-        self, module: nn.Module, *, batcher: Batcher | None = None, pin_threads: bool = True
+        self,
+        module: nn.Module,
+        *,
+        rename: Mapping[str, str] | None = None,
+        batcher: Batcher | None = None,
+        pin_threads: bool = True,
     ) -> None:
         if not isinstance(module, nn.Module):
             raise TypeError(f"mediator.Model wraps a torch.nn.Module, got {type(module).__name__}")
         plain, module = module, _uncompiled(module)
-        traced = Traced.of(module, batcher or _default_batcher(module), pin_threads)
+        renames = Renames(module, rename, frozenset(dir(Model)))
+        traced = Traced.of(module, batcher or _default_batcher(module), pin_threads, renames)
         object.__setattr__(self, "_traced", traced)
         super().__init__(module, "", self)
         object.__setattr__(self, "_plain", plain)
+
+    def __repr__(self) -> str:
+        return repr(self._module) + self._traced.renames.summary()
 
     def trace(self, *args: Any, **kwargs: Any) -> Tracer:
         """A trace: with inputs, its with-body is the single invoke; without, it holds

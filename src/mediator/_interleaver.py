@@ -509,8 +509,9 @@ class Interleaver(Waits):
         """Where the model stands: a copy of the calls begun and open, for `passed`."""
         return list(self.started), list(self.open_calls)
 
-    def describe(self, key: Key) -> str:
+    def describe(self, key: Key, by: Mediator | None = None) -> str:
+        """`key` for a message, under the name the body `by` wrote for its module (an alias)."""
         site, kind, call = key
-        path = self.paths[site]
+        path = self.paths[site] if by is None else by.spelled.get(site, self.paths[site])
         name = f"{path}.{KIND_NAMES[kind]}" if path else f"model.{KIND_NAMES[kind]}"
         return f"{name} (call {call})"

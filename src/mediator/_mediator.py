@@ -92,6 +92,7 @@ class Mediator:
         self.ops: list[Op] = []
         self.watch = LateEditWatch()
         self.step = 0
+        self.spelled: dict[int, str] = {}  # site -> the path the body wrote, where an alias
         self.loop_ended = False  # an open tr.iter loop of this body ended (the call returned)
         # the name this body last waited for, with where the model stood as the wait began
         # (`Interleaver.position`); None once it makes another blocking request
@@ -352,7 +353,7 @@ class Mediator:
         passed = interleaver.passed(key)
         if not passed and not interleaver.forward_done:
             return  # the request is in time (every read takes this path: keep it short)
-        what = interleaver.describe(key)
+        what = interleaver.describe(key, self)
         if self.loop_ended and interleaver.forward_done:
             error = OutOfOrderError if passed else MissedProviderError
             raise error(
@@ -364,7 +365,7 @@ class Mediator:
             )
         if passed:
             here = interleaver.current
-            where = f" (it is now at {here.describe()})" if here is not None else ""
+            where = f" (it is now at {here.describe(self)})" if here is not None else ""
             raise OutOfOrderError(
                 f"{what} was requested after the model had already computed it{where}. "
                 f"{self._name_wait_hint(interleaver, key)}Request values in the order the "
@@ -386,7 +387,8 @@ class Mediator:
         who = "another invoke" if provider is None else f"invoke {provider.index}"
         return (
             f"This body waited for the name {name!r}, which {who} binds, and the model ran on "
-            f"meanwhile: request {interleaver.describe(key)} before the line that uses {name!r}. "
+            f"meanwhile: request {interleaver.describe(key, self)} before the line that uses "
+            f"{name!r}. "
         )
 
     def _block(self, request: Request) -> Any:

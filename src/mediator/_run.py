@@ -311,7 +311,7 @@ def _settle(
         if ended is not None:  # else abandoned after Ctrl-C: it clears its own state as it ends
             if ended.watch.found:
                 assert interleaver is not None
-                late.extend((interleaver.describe(k), w, s) for k, w, s in ended.watch.found)
+                late.extend((interleaver.describe(k, ended), w, s) for k, w, s in ended.watch.found)
             if ended.cut is not None:
                 cuts.append(ended.cut)
             ended.watch.clear()

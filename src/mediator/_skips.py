@@ -115,7 +115,7 @@ def run_skipped(
             if rows is None
             else narrow_with(batcher, expected, rows, total, dims, il.expand)
         )
-        batcher.check_replacement(own, value, f"{il.describe(key)} at {where} (skip)")
+        batcher.check_replacement(own, value, f"{il.describe(key, mediator)} at {where} (skip)")
     return _join(il, key, parts, skips) if output is MISSING else output
 
 

@@ -3,7 +3,8 @@
 `Model` builds one `Traced` when it wraps a module and hands it to every trace it opens, so a
 trace never reaches into the Model itself. Site numbers index `paths` and `taps`; a module
 registered under several names is one site (its first path); `dims` says where each site's
-values hold the batch (`_layouts.py`), decided once here. The object is not changed after it
+values hold the batch (`_layouts.py`), decided once here; `renames` holds the aliases of its
+modules (`_renames.py`). The object is not changed after it
 is built, except that a tap replaced behind the library's back is re-made in `taps` (`_tap.py`).
 """
 
@@ -15,6 +16,7 @@ from torch import nn
 
 from ._batcher import Batcher
 from ._layouts import Dims, check_overrides, site_dims
+from ._renames import Renames
 from ._tap import Tap
 
 
@@ -29,10 +31,13 @@ class Traced:
     batcher: Batcher
     pin_threads: bool
     dims: tuple[list[Dims], list[Dims]]  # INPUT/OUTPUT -> site -> where its values' rows are
+    renames: Renames  # the aliases of its modules (`Model(net, rename=...)`)
 
     @classmethod
-    def of(cls, module: nn.Module, batcher: Batcher, pin_threads: bool) -> Traced:
-        """Find the sites of `module`."""
+    def of(
+        cls, module: nn.Module, batcher: Batcher, pin_threads: bool, renames: Renames | None = None
+    ) -> Traced:
+        """Find the sites of `module`; `renames` are its aliases (none by default)."""
         paths: list[str] = []
         taps: list[Tap] = []
         sites: dict[int, int] = {}
@@ -45,4 +50,15 @@ class Traced:
         check_overrides(batcher.batch_dims, paths)
         layouts = {path: batcher.layout(path, sub) for path, sub in module.named_modules()}
         dims = site_dims(module, paths, layouts)
-        return cls(module, paths, taps, sites, batcher, pin_threads, dims)
+        renames = Renames(module, None, frozenset()) if renames is None else renames
+        return cls(module, paths, taps, sites, batcher, pin_threads, dims, renames)
+
+    def site_at(self, path: str) -> int | None:
+        """The site of the module at `path`, written with real names, aliases or both."""
+        found = self.renames.find(path)
+        return None if found is None else self.sites.get(id(found))
+
+    def real_path(self, path: str) -> str | None:
+        """The path of the site at `path` (which may use aliases), if there is one."""
+        site = self.site_at(path)
+        return None if site is None else self.paths[site]

@@ -366,13 +366,13 @@ class Tracer:
             paths = dict(_site_of(traced, module) for module in modules)
         mediator = _context.current()
         if mediator is not None and mediator.tracer is self:
-            cache = Cache(paths, mediator.rows, inputs)
+            cache = Cache(paths, mediator.rows, inputs, traced.real_path)
             assert mediator.interleaver is not None
             mediator.interleaver.open_cache(cache)
             return cache
         if self._state is not TraceState.OPEN:
             raise UsageError("tr.cache() after the trace ran: open it in the trace's block")
-        cache = Cache(paths, None, inputs)
+        cache = Cache(paths, None, inputs, traced.real_path)
         self._caches.append(cache)
         return cache
 
@@ -473,12 +473,13 @@ def _holds_tensor(value: Any) -> bool:
 
 
 def _site_of(traced: Traced, module: Any) -> tuple[int, str]:
-    """The site index and path of a module given as an Envoy or a path."""
+    """The site index and path of a module given as an Envoy or a path (aliases too)."""
     path = module if isinstance(module, str) else getattr(module, "path", None)
     if not isinstance(path, str):
         raise TypeError(f"tr.cache(modules=...) takes Envoys or paths, got {type(module).__name__}")
-    if path in traced.paths:
-        return traced.paths.index(path), path
+    site = traced.site_at(path)  # real names, aliases or both
+    if site is not None:
+        return site, path  # recorded under the name the user wrote
     hint = closest_hint(path, traced.paths)
     raise UsageError(f"tr.cache(): the model has no module {path!r} that it calls.{hint}")
 

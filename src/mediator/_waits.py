@@ -64,7 +64,7 @@ class Waits:
 
         def _resume(self, mediator: Mediator, reply: Any) -> None: ...
 
-        def describe(self, key: Key) -> str: ...
+        def describe(self, key: Key, by: Mediator | None = None) -> str: ...
 
     def finish(self, result: Any) -> None:
         """The traced call returned `result`: answer RESULT and STEP requests, then fail every
@@ -104,7 +104,7 @@ class Waits:
             if mediator.state is not _BLOCKED or waiting is None:
                 continue
             if waiting.kind == VALUE:
-                what = self.describe(waiting.target)
+                what = self.describe(waiting.target, mediator)
             elif waiting.kind == STEP:
                 what = f"step {waiting.target} of its open tr.iter loop"
             elif waiting.kind == NAME:
@@ -229,13 +229,14 @@ class Waits:
             self.watch[op.key[1]][op.key[0]] -= 1
             what = "skip of" if op.apply is None else "value set for"
             return MissedProviderError(
-                f"the {what} {self.describe(op.key)} at {op.where} was never used: "
+                f"the {what} {self.describe(op.key, mediator)} at {op.where} was never used: "
                 f"{self.never(op.key)}"
             )
         assert waiting is not None
         if waiting.kind == VALUE:
             return MissedProviderError(
-                f"{self.describe(waiting.target)} was never computed: {self.never(waiting.target)}"
+                f"{self.describe(waiting.target, mediator)} was never computed: "
+                f"{self.never(waiting.target)}"
             )
         if waiting.kind == BARRIER:
             barrier = waiting.target
