@@ -155,7 +155,11 @@ def test_a_wrong_skip_on_the_cached_path_is_still_a_shape_error(runs: list[int])
     model = mediator.Model(net)
     x = torch.randn(3, WIDTH)
     skip_trace(model, 1, x, torch.zeros(3, WIDTH))
-    for wrong in (torch.zeros(3, 5), torch.zeros(2, WIDTH), torch.zeros(3, WIDTH).to(torch.complex64)):
+    for wrong in (
+        torch.zeros(3, 5),
+        torch.zeros(2, WIDTH),
+        torch.zeros(3, WIDTH).to(torch.complex64),
+    ):
         with pytest.raises(ShapeError) as info:
             skip_trace(model, 1, x, wrong)
         message = str(info.value)
