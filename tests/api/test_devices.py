@@ -140,6 +140,19 @@ def test_a_trace_calls_through_accelerates_hooks_and_restores_them(pair, monkeyp
     assert torch.equal(expected, plain(ids).logits)
 
 
+def test_a_failed_trace_leaves_accelerates_hooks_and_weights_as_they_were(pair) -> None:
+    """A write of the wrong shape at the offloaded layer ends the trace with `ShapeError`; the
+    fixture checks the hooks and where each weight lives, this test the plain call."""
+    plain, net = pair
+    ids = prompt()
+    model = mediator.Model(net)
+    with pytest.raises(ShapeError, match=r"model\.layers\.1\.mlp\.output"):
+        with torch.no_grad(), model.trace(ids):
+            model.model.layers[1].mlp.output = torch.zeros(2, 5, 7)
+    with torch.no_grad():
+        assert torch.equal(net(ids).logits, plain(ids).logits)
+
+
 def counted(counts: dict[str, int], path: str, method: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(method)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
