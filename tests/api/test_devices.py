@@ -433,7 +433,6 @@ class Argmax(nn.Module):
     [
         ("pick", torch.tensor([1.5, 2.5, 3.5]), ("float32", "int64")),
         ("proj", torch.zeros(3, 8, dtype=torch.complex64), ("complex64", "float32")),
-        ("pick", torch.tensor([True, False, True]).float(), ("float32", "int64")),
     ],
 )
 def test_a_write_that_cannot_be_cast_without_loss_is_a_shape_error(
