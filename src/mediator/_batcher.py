@@ -313,8 +313,10 @@ class Batcher:
         """Raise ShapeError unless `new` can stand where `old` stood (same structure, shapes,
         dtypes and devices of its tensors, also those inside cache objects).
 
-        Called for every `.output = v`, `.inputs = ...`, `.input = v` and `.skip(v)`; `where`
-        names the module and the user's line in the error message.
+        Called for every `.output = v`, `.inputs = ...`, `.input = v` and `.skip(v)`, after the
+        library has moved the new value's tensors to the devices and dtypes of those they
+        replace (where that cast loses nothing); `where` names the module and the user's line in
+        the error message.
 
         Example:
 

@@ -2,12 +2,12 @@
 
 A Boundary lives while the model thread serves one module input or output. Each invoke sees its
 own rows (`view`, the same object on every read; along the batch dims of the site, `_layouts.py`,
-scaled by the interleaver's `expand`); a swap replaces that view after a shape check; `merged`
-writes every invoke's view back into the full value, without in-place writes, so that autograd
-sees each view on the path from input to loss. A tensor with no rows (the whole batch's, handed
-to every invoke) cannot be written by one invoke of several without reaching the others: a swap
-of it raises `ShapeError` at once, an in-place edit when the boundary has been served
-(`check_shared`).
+scaled by the interleaver's `expand`); a swap replaces that view, its tensors moved to the
+device and dtype of those they replace (`_devices.py`), after a shape check; `merged` writes every
+invoke's view back into the full value, without in-place writes, so that autograd sees each view
+on the path from input to loss. A tensor with no rows (the whole batch's, handed to every invoke)
+cannot be written by one invoke of several without reaching the others: a swap of it raises
+`ShapeError` at once, an in-place edit when the boundary has been served (`check_shared`).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ._batcher import merge_with, narrow_with
+from ._devices import conform
 from ._errors import ShapeError
 from ._tree import describe, leaves, same_tensor
 
@@ -83,11 +84,12 @@ class Boundary:
             raise ShapeError(f"{where}, read by {mediator.label()}: {error}") from None
 
     def swap(self, mediator: Mediator, apply: Callable[[Any], Any], where: str) -> None:
-        """Replace `mediator`'s view by `apply(view)`; raises ShapeError if it does not fit."""
+        """Replace `mediator`'s view by `apply(view)`, its tensors moved to the device and dtype
+        of those they replace (`_devices.conform`); raises ShapeError if it does not fit."""
         old = self.view(mediator)
-        new = apply(old)
-        here = self.describe(mediator)
-        self.interleaver.batcher.check_replacement(old, new, f"{here} at {where}")
+        where = f"{self.describe(mediator)} at {where}"
+        new = conform(old, apply(old), where)
+        self.interleaver.batcher.check_replacement(old, new, where)
         if mediator.rows is None:
             self.value = new
             self.views = {mediator: new}

@@ -237,9 +237,14 @@ class Envoy:
         """The module's output for this invoke's rows (blocks until the module has run).
 
         Reading it gives the real value the model computed, narrowed to this invoke's rows of the
-        batch. Setting it (`.output = v`) replaces that value for the rest of the forward pass;
-        `v` must have the same structure and shapes (else `ShapeError`). Editing the tensor in
-        place (`.output[:, 0] = 0`) changes it too. Inside `tr.iter[...]` it is the output of the
+        batch, on the device where the module made it (nothing is moved on read). Setting it
+        (`.output = v`) replaces that value for the rest of the forward pass; `v` must have the
+        same structure and shapes (else `ShapeError`), and its tensors are moved to the device
+        and dtype of those they replace (a float32 value over a bfloat16 output becomes
+        bfloat16, a CPU one over a CUDA output moves to the GPU; the same holds for `.inputs`,
+        `.input` and `.skip`); a cast across kinds, which PyTorch does not make in place either
+        (a float into an integer, a complex into a float), is a `ShapeError`. Editing the tensor
+        in place (`.output[:, 0] = 0`) changes it too. Inside `tr.iter[...]` it is the output of the
         module's call numbered `step`, else of its first call. Calls are numbered in the order
         they start: a module that calls itself returns from its inner calls (higher numbers)
         before the outer one, so request their outputs first. It is what the module's
@@ -334,7 +339,8 @@ class Envoy:
         """Do not run this module for this invoke: `value` is its output.
 
         Call it before the module runs. `value` must look like the output the module would have
-        given for this invoke's rows (the same structure and shapes, else `ShapeError`). Other
+        given for this invoke's rows (the same structure and shapes, else `ShapeError`); its
+        tensors are moved to that output's devices and dtypes, as for `.output = v`. Other
         invokes of the trace still run the module on their own rows; when none does, a copy of
         the module runs on fake tensors (no data, no effect on the module, its inputs or hooks)
         to learn those shapes.

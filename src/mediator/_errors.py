@@ -101,19 +101,22 @@ class ShapeError(MediatorError, ValueError):
     """A swapped value or a batched input does not have the shape the model needs.
 
     Raised when a value set with `.output = v`, `.inputs = ...`, `.input = v` or `.skip(v)` does
-    not match what it replaces (the same structure, and tensors of the same shape, dtype and
-    device), and when the inputs of several invokes cannot be batched together (different
-    trailing dimensions, a different set of arguments, non-tensor arguments that differ). The
-    message names the module or the input and the shape that was expected. Replace values with
-    ones of the same shape (`h * 2`, `torch.zeros_like(h)`, in-place edits of `h`); pad inputs
-    to one length, or trace them separately. It is a `ValueError` too.
+    not match what it replaces (the same structure, and tensors of the same shape; a tensor is
+    moved to the device and dtype of the one it replaces, except across kinds, such as a float
+    written over an integer tensor or a complex over a float), and when the inputs of several
+    invokes cannot be batched together (different trailing dimensions, a different set of
+    arguments, non-tensor arguments that differ). The message names the module or the input and
+    the shape that was expected. Replace values with ones of the same shape (`h * 2`,
+    `torch.zeros_like(h)`, in-place edits of `h`); pad inputs to one length, or trace them
+    separately. It is a `ValueError` too.
 
     Example:
 
         with model.trace(x):
             h = model.layers[1].output
             model.layers[1].output = h[:, :4]           # ShapeError: expected h's shape
-            model.layers[1].output = torch.zeros_like(h)  # fine: same shape, dtype, device
+            model.layers[1].output = torch.zeros_like(h)  # fine: same shape
+            model.layers[1].output = h.double()           # fine: cast back to h's dtype
     """
 
     def __init__(self, message: str = "", *, invokes: tuple[int, ...] = ()) -> None:

@@ -2,9 +2,10 @@
 
 When some rows skip, the module runs and each skipping invoke's rows are replaced. When every
 row skips, the module does not run at all; its output is then the skip values joined by the
-Batcher, and each value is first checked against its rows of the output the module would have
-given: a copy of the module runs its forward on fake tensors (shapes, dtypes and devices, no data
-or compute), so neither the module, its inputs nor the user's hooks see that run.
+Batcher, and each value is first moved to the devices and dtypes of its rows of the output the
+module would have given (`_devices.py`) and checked against them: a copy of the module runs its
+forward on fake tensors (shapes, dtypes and devices, no data or compute), so neither the module,
+its inputs nor the user's hooks see that run.
 
 This module owns one cache, `_SPECS`: what that fake run returned (its structure and each
 tensor's shape, dtype and device, no tensor; or that it failed), under what determines it: the
@@ -39,6 +40,7 @@ import torch
 
 from ._batcher import join_with, narrow_with
 from ._boundary import Boundary
+from ._devices import conform
 from ._errors import ShapeError, UsageError
 from ._interrupts import model_call_site
 from ._kv_cache import is_cache
@@ -90,24 +92,39 @@ def run_skipped(
     package run the module's own forward (or a copy of it, on fake tensors)."""
     skips = boundary.skips
     key = (boundary.key[0], OUTPUT, boundary.key[2])
-    whole = [value for mediator, (value, _) in skips.items() if mediator.rows is None]
-    parts = sorted(
-        ((m.rows, value) for m, (value, _) in skips.items() if m.rows is not None),
-        key=lambda part: part[0].start,
-    )
+    whole, parts = _split(skips)
     if not whole and sum(rows.stop - rows.start for rows, _ in parts) < il.total:
         _refuse_cache_writes(il, key, skips, args, kwargs)
         partial = Boundary(il, key, original(*args, **kwargs))
         for mediator, (value, where) in skips.items():
             partial.swap(mediator, _constant(value), f"{where} (skip)")
         return partial.merged()
-    batcher, total, dims = il.batcher, il.total, il.dims[OUTPUT][key[0]]
     expected = _expected_output(original, args, kwargs)
-    output = whole[0] if whole else MISSING
     if expected is MISSING:  # check at least rows and structure: against the joined values
-        if output is MISSING:
-            output = _join(il, key, parts, skips)
-        expected = output
+        output = whole[0] if whole else _join(il, key, parts, skips)
+        _checked(il, key, output, skips)
+        return output
+    whole, parts = _split(_checked(il, key, expected, skips))
+    return whole[0] if whole else _join(il, key, parts, skips)
+
+
+def _split(skips: dict[Mediator, tuple[Any, str]]) -> tuple[list[Any], list[tuple[slice, Any]]]:
+    """The skip values of invokes without rows, and `(rows, value)` of the others in row order."""
+    whole = [value for mediator, (value, _) in skips.items() if mediator.rows is None]
+    parts = sorted(
+        ((m.rows, value) for m, (value, _) in skips.items() if m.rows is not None),
+        key=lambda part: part[0].start,
+    )
+    return whole, parts
+
+
+def _checked(
+    il: Interleaver, key: Key, expected: Any, skips: dict[Mediator, tuple[Any, str]]
+) -> dict[Mediator, tuple[Any, str]]:
+    """The skip values, each moved to the devices and dtypes of its rows of `expected` (the
+    output the module would have given) and checked against them by the Batcher."""
+    batcher, total, dims = il.batcher, il.total, il.dims[OUTPUT][key[0]]
+    checked = {}
     for mediator, (value, where) in skips.items():
         rows = mediator.rows
         own = (
@@ -115,8 +132,11 @@ def run_skipped(
             if rows is None
             else narrow_with(batcher, expected, rows, total, dims, il.expand)
         )
-        batcher.check_replacement(own, value, f"{il.describe(key, mediator)} at {where} (skip)")
-    return _join(il, key, parts, skips) if output is MISSING else output
+        text = f"{il.describe(key, mediator)} at {where} (skip)"
+        value = conform(own, value, text)
+        batcher.check_replacement(own, value, text)
+        checked[mediator] = (value, where)
+    return checked
 
 
 def _expected_output(original: Callable[..., Any], args: Any, kwargs: Any) -> Any:

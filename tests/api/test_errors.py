@@ -360,21 +360,22 @@ def test_swap_of_the_wrong_shape(net, model, x):
     assert torch.equal(net(x), net(x))
 
 
-def test_swap_of_the_wrong_dtype(net, model, x):
+def test_swap_of_a_dtype_that_cannot_be_cast(net, model, x):
+    """A complex value over a float output would lose its imaginary part: refused, not cast."""
     with pytest.raises(ShapeError) as info:
         with model.trace(x):
-            model.layers[2].output = torch.zeros(3, 8, dtype=torch.float64)
+            model.layers[2].output = torch.zeros(3, 8, dtype=torch.complex64)
             out = model.output
     message = str(info.value)
     assert "layers.2.output (call 0)" in message
-    assert "float64" in message and "float32" in message
+    assert "complex64" in message and "float32" in message
     assert "[3, 8]" in message
     assert_untouched(net)
 
 
 def test_swap_on_the_wrong_device(net, model, x):
-    """A value on another device is refused with both devices named (the meta device stands in
-    for a GPU, so this runs without one)."""
+    """A value that holds no data (on the meta device) cannot be moved to the output's device:
+    refused with both devices named."""
     with pytest.raises(ShapeError) as info:
         with model.trace(x):
             model.layers[2].output = torch.zeros(3, 8, device="meta")

@@ -141,7 +141,8 @@ def test_a_single_invoke_skip_of_the_wrong_shape(value: torch.Tensor, shown: str
 
 
 @pytest.mark.parametrize(
-    "wrong", [torch.zeros(2, WIDTH), torch.zeros(3, 5), torch.zeros(3, WIDTH, dtype=torch.float64)]
+    "wrong",
+    [torch.zeros(2, WIDTH), torch.zeros(3, 5), torch.zeros(3, WIDTH, dtype=torch.complex64)],
 )
 def test_one_invoke_of_two_skips_with_the_wrong_shape(wrong: torch.Tensor) -> None:
     net = Stack()
