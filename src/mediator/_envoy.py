@@ -8,8 +8,6 @@ Envoy calls its module plainly, without interventions.
 
 from __future__ import annotations
 
-import functools
-import inspect
 from collections.abc import Iterator, Mapping
 from typing import Any, overload
 
@@ -18,9 +16,8 @@ from torch import nn
 from . import _context
 from ._batcher import Batcher
 from ._callsite import user_location
-from ._causal_lm import CausalLMBatcher
+from ._default_batcher import default_batcher
 from ._errors import UsageError
-from ._lm_loss import LossFunction
 from ._mediator import Mediator
 from ._names import closest_hint
 from ._protocol import INPUT, OUTPUT, Key
@@ -406,7 +403,7 @@ class Model(Envoy):
             raise TypeError(f"mediator.Model wraps a torch.nn.Module, got {type(module).__name__}")
         plain, module = module, _uncompiled(module)
         renames = Renames(module, rename, frozenset(dir(Model)))
-        traced = Traced.of(module, batcher or _default_batcher(module), pin_threads, renames)
+        traced = Traced.of(module, batcher or default_batcher(module), pin_threads, renames)
         object.__setattr__(self, "_traced", traced)
         super().__init__(module, "", self)
         object.__setattr__(self, "_plain", plain)
@@ -470,53 +467,3 @@ def _uncompiled(module: nn.Module) -> nn.Module:
             return module
         module = module._orig_mod
     return module
-
-
-def _default_batcher(module: nn.Module) -> Batcher:
-    """A causal-LM batcher (left padding) for language models that generate, else the plain one."""
-    config = getattr(module, "config", None)
-    if config is None or not callable(getattr(module, "generate", None)):
-        return Batcher()
-    if getattr(config, "is_encoder_decoder", False):
-        return Batcher()
-    try:
-        takes_positions = "position_ids" in inspect.signature(module.forward).parameters
-    except (TypeError, ValueError):
-        takes_positions = False
-    return CausalLMBatcher(
-        _pad_token(config), takes_positions, _positions_of(module, config), _loss_of(module, config)
-    )
-
-
-# Hugging Face model types whose forward numbers positions over the attention mask's real
-# tokens when given no `position_ids`; the others (transformers 5) number them by column.
-_MASK_POSITIONS = frozenset({"opt"})
-
-
-def _positions_of(module: nn.Module, config: Any) -> str:
-    """How `module` numbers positions by default (see `CausalLMBatcher`)."""
-    from_transformers = type(module).__module__.startswith("transformers.")
-    if from_transformers and getattr(config, "model_type", None) not in _MASK_POSITIONS:
-        return "columns"
-    return "mask"
-
-
-def _loss_of(module: nn.Module, config: Any) -> LossFunction | None:
-    """The model's own loss of `(logits, labels)` (Hugging Face `loss_function`), if it has one."""
-    loss = getattr(module, "loss_function", None)
-    vocab = getattr(config, "vocab_size", None)
-    if not callable(loss) or not isinstance(vocab, int):
-        return None
-    return functools.partial(loss, vocab_size=vocab)
-
-
-def _pad_token(config: Any) -> int:
-    """The config's pad token, else its end-of-sequence token, else 0."""
-    vocab = getattr(config, "vocab_size", None)
-    for name in ("pad_token_id", "eos_token_id"):
-        token = getattr(config, name, None)
-        if isinstance(token, (list, tuple)):
-            token = token[0] if token else None
-        if isinstance(token, int) and (vocab is None or 0 <= token < vocab):
-            return token
-    return 0
