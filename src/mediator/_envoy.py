@@ -60,18 +60,34 @@ class Envoy:
     _items: tuple[Envoy, ...]
 
     def __init__(self, module: nn.Module, path: str, model: Model) -> None:
-        object.__setattr__(self, "_module", module)
-        object.__setattr__(self, "_plain", module)  # what a plain call calls
         object.__setattr__(self, "_path", path)
         object.__setattr__(self, "_model", model)
+        object.__setattr__(self, "_children", {})
+        self._point_at(module)
+
+    def _point_at(self, module: nn.Module) -> None:
+        """Address `module` (and its children) from now on. Called again when the model's
+        modules are replaced by others of the same tree (`LanguageModel` loading its weights):
+        children keep their Envoys by name, so Envoys the user holds follow; new children get
+        new Envoys, and those gone are dropped. The model's `_traced` must be the new one."""
+        model, path, before = self._model, self._path, self._children
+        object.__setattr__(self, "_module", module)
+        object.__setattr__(self, "_plain", module)  # what a plain call calls
         object.__setattr__(self, "_site", model._traced.sites.get(id(module)))
         made: dict[int, Envoy] = {}  # a module registered twice is one Envoy, at its first path
         children: dict[str, Envoy] = {}
         for name, child in module._modules.items():
             if child is not None:
                 if id(child) not in made:
-                    made[id(child)] = Envoy(child, f"{path}.{name}" if path else name, model)
+                    envoy = before.get(name)
+                    if envoy is None:
+                        envoy = Envoy(child, f"{path}.{name}" if path else name, model)
+                    else:
+                        envoy._point_at(child)
+                    made[id(child)] = envoy
                 children[name] = made[id(child)]
+        for name in before:
+            self.__dict__.pop(name, None)
         object.__setattr__(self, "_children", children)
         object.__setattr__(self, "_items", tuple(children.values()))
         for name, envoy in children.items():
@@ -359,7 +375,7 @@ class Model(Envoy):
         if not isinstance(module, nn.Module):
             raise TypeError(f"mediator.Model wraps a torch.nn.Module, got {type(module).__name__}")
         plain, module = module, _uncompiled(module)
-        traced = Traced.of(module, batcher or _default_batcher(module), pin_threads)
+        traced = Traced.of(module, batcher or default_batcher(module), pin_threads)
         object.__setattr__(self, "_traced", traced)
         super().__init__(module, "", self)
         object.__setattr__(self, "_plain", plain)
@@ -422,7 +438,7 @@ def _uncompiled(module: nn.Module) -> nn.Module:
     return module
 
 
-def _default_batcher(module: nn.Module) -> Batcher:
+def default_batcher(module: nn.Module) -> Batcher:
     """A causal-LM batcher (left padding) for language models that generate, else the plain one."""
     config = getattr(module, "config", None)
     if config is None or not callable(getattr(module, "generate", None)):
