@@ -31,6 +31,7 @@ from ._errors import (
     StoppedWarning,
     UsageError,
 )
+from ._language_model import LanguageModel
 from ._layouts import BatchDims
 from ._tracer import Invoke, Tracer
 
@@ -41,6 +42,7 @@ __all__ = [
     "CausalLMBatcher",
     "Envoy",
     "Invoke",
+    "LanguageModel",
     "LateEditWarning",
     "MediatorError",
     "MissedProviderError",

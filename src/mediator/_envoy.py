@@ -60,10 +60,22 @@ class Envoy:
     _aliased: bool
 
     def __init__(self, module: nn.Module, path: str, model: Model) -> None:
-        object.__setattr__(self, "_module", module)
-        object.__setattr__(self, "_plain", module)  # what a plain call calls
         object.__setattr__(self, "_path", path)
         object.__setattr__(self, "_model", model)
+        object.__setattr__(self, "_children", {})
+        object.__setattr__(self, "_aliases", {})
+        self._point_at(module)
+
+    def _point_at(self, module: nn.Module) -> None:
+        """Address `module` (and its children) from now on. Called again when the model's
+        modules are replaced by others of the same tree (`LanguageModel` loading its weights):
+        children and aliases keep their Envoys by name, so Envoys the user holds follow; new
+        children get new Envoys, and those gone are dropped. The model's `_traced` must be the
+        new one."""
+        model, path, before = self._model, self._path, self._children
+        aliased = {name: self.__dict__[name] for name in self._aliases if name in self.__dict__}
+        object.__setattr__(self, "_module", module)
+        object.__setattr__(self, "_plain", module)  # what a plain call calls
         site = model._traced.sites.get(id(module))
         object.__setattr__(self, "_site", site)
         object.__setattr__(self, "_aliases", model._traced.renames.of(module))
@@ -74,13 +86,24 @@ class Envoy:
         for name, child in module._modules.items():
             if child is not None:
                 if id(child) not in made:
-                    made[id(child)] = Envoy(child, f"{path}.{name}" if path else name, model)
+                    envoy = before.get(name)
+                    if envoy is None:
+                        envoy = Envoy(child, f"{path}.{name}" if path else name, model)
+                    else:
+                        envoy._point_at(child)
+                    made[id(child)] = envoy
                 children[name] = made[id(child)]
+        for name in [*before, *aliased]:
+            self.__dict__.pop(name, None)
         object.__setattr__(self, "_children", children)
         object.__setattr__(self, "_items", tuple(children.values()))
         for name, envoy in children.items():
             if not hasattr(type(self), name):  # the Envoy API keeps precedence over children
                 self.__dict__[name] = envoy  # found by plain lookup, without __getattr__
+        for name, envoy in aliased.items():
+            if name in self._aliases:
+                envoy._point_at(self._aliases[name])
+                self.__dict__[name] = envoy
 
     # -- the module tree ------------------------------------------------------------------
 
@@ -402,7 +425,7 @@ class Model(Envoy):
         if not isinstance(module, nn.Module):
             raise TypeError(f"mediator.Model wraps a torch.nn.Module, got {type(module).__name__}")
         plain, module = module, _uncompiled(module)
-        renames = Renames(module, rename, frozenset(dir(Model)))
+        renames = Renames(module, rename, frozenset(dir(type(self))))
         traced = Traced.of(module, batcher or default_batcher(module), pin_threads, renames)
         object.__setattr__(self, "_traced", traced)
         super().__init__(module, "", self)

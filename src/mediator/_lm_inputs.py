@@ -189,7 +189,7 @@ def pad(
     if labels and "labels" not in padded:
         padded["labels"] = torch.full_like(mask, IGNORE_INDEX, dtype=torch.long)
     if positions is not None and "position_ids" not in padded:
-        padded["position_ids"] = _solo_positions(mask, positions)
+        padded["position_ids"] = solo_positions(mask, positions)
     if missing:
         if prompt.key == "input_ids":
             tokens = _left(tokens, tokens.new_full((rows, missing), pad_token_id))
@@ -202,7 +202,9 @@ def pad(
     return prompt.args, {**prompt.kwargs, prompt.key: tokens, **padded}
 
 
-def _solo_positions(mask: torch.Tensor, positions: str) -> torch.Tensor:
+def solo_positions(mask: torch.Tensor, positions: str) -> torch.Tensor:
+    """The position ids each row of `mask` has alone: `"columns"` counts its columns from the
+    first, `"mask"` its real tokens (0 for the padding before them)."""
     if positions == "columns":
         return torch.arange(mask.shape[1], device=mask.device).expand(mask.shape)
     return (mask.long().cumsum(-1) - 1).clamp(min=0)

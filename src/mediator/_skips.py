@@ -275,14 +275,11 @@ def _fake_forward(module: torch.nn.Module, args: Any, kwargs: Any) -> Any:
     """The output of the module's forward run by a copy of it on fake tensors (shapes, dtypes
     and devices, no data or compute), so that neither the module, its inputs nor the user's
     hooks see the run; `MISSING` where that fails."""
-    from torch._subclasses.fake_tensor import FakeCopyMode, FakeTensorMode  # only here
+    from torch._subclasses.fake_tensor import FakeTensorMode  # only here
 
     mode = FakeTensorMode()
     try:
-        memo = _fakes(mode, module, (args, kwargs))
-        with FakeCopyMode(mode):  # any tensor `_fakes` left out: a subclass, an attribute
-            fake, fake_args, fake_kwargs = copy.deepcopy((module, args, kwargs), memo)
-        strip(fake)
+        fake, (fake_args, fake_kwargs) = fake_copy(mode, module, (args, kwargs))
         quiet = _QuietThread(threading.get_ident())
         _FAKE_LOG.addFilter(quiet)  # a failure here is an answer ("unknown"), not an error
         try:
@@ -306,6 +303,18 @@ class _QuietThread(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         return record.thread != self.ident
+
+
+def fake_copy(mode: FakeTensorMode, module: torch.nn.Module, inputs: Any) -> tuple[Any, Any]:
+    """A deep copy of `module` and `inputs` whose tensors are fake tensors of `mode` (shapes,
+    strides, dtypes and devices, no data), the module stripped of taps and forward hooks."""
+    from torch._subclasses.fake_tensor import FakeCopyMode  # only here
+
+    memo = _fakes(mode, module, inputs)
+    with FakeCopyMode(mode):  # any tensor `_fakes` left out: a subclass, an attribute
+        fake, fake_inputs = copy.deepcopy((module, inputs), memo)
+    strip(fake)
+    return fake, fake_inputs
 
 
 def _fakes(mode: FakeTensorMode, module: torch.nn.Module, inputs: Any) -> dict[int, Any]:

@@ -1,10 +1,12 @@
 """The package's layout keeps its promises: modules import each other without cycles, no module
-imports another's private names, every module says what it is for, and none grows past a size a
-reader can hold (about 500 lines)."""
+imports another's private names, every module says what it is for, none grows past a size a
+reader can hold (about 500 lines), and `import mediator` imports none of the optional extras."""
 
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -78,3 +80,12 @@ def test_every_module_says_what_it_is_for(path: Path) -> None:
 def test_modules_stay_small(path: Path) -> None:
     lines = len(path.read_text().splitlines())
     assert lines <= MAX_LINES, f"{path.name} has {lines} lines: split it by job"
+
+
+EXTRAS = ("transformers", "accelerate", "tokenizers", "ray", "matplotlib")
+
+
+def test_import_mediator_imports_no_extra() -> None:
+    probe = f"import sys, mediator; print([m for m in {EXTRAS!r} if m in sys.modules])"
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]", f"import mediator imported {done.stdout.strip()}"
