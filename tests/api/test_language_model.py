@@ -135,6 +135,38 @@ def test_envoys_taken_before_loading_address_the_loaded_modules(saved, oracle):
     torch.testing.assert_close(loaded, dict(layers(oracle, kind)[1].named_parameters()))
 
 
+def test_standard_names_taken_before_loading_address_the_loaded_modules(saved, oracle):
+    kind, path = saved
+    lm = mediator.LanguageModel(path)
+    block, attention = lm.layers[1], lm.layers[0].self_attn  # aliases, before loading
+    assert block.path == "layers.1" and len(lm.layers) == len(layers(oracle, kind))
+    seen: dict[str, object] = {}
+
+    def keep(name: str):
+        return lambda module, args, out: seen.update({name: out})
+
+    real = layers(oracle, kind)
+    handles = [
+        real[1].register_forward_hook(keep("block")),
+        real[0].get_submodule("self_attn" if kind == "llama" else "attn").register_forward_hook(
+            keep("attention")
+        ),
+    ]
+    try:
+        with torch.no_grad():
+            oracle(torch.tensor([ids_of(PROMPTS[0])]))
+    finally:
+        for handle in handles:
+            handle.remove()
+    with torch.no_grad(), lm.trace(PROMPTS[0]):
+        attended = attention.output[0]
+        hidden = block.output
+        by_real_path = layers(lm, kind)[1].output
+    torch.testing.assert_close(hidden, seen["block"])
+    torch.testing.assert_close(attended, seen["attention"][0])
+    torch.testing.assert_close(by_real_path, hidden)
+
+
 def test_from_pretrained_options_pass_through(saved):
     kind, path = saved
     lm = mediator.LanguageModel(path, dtype=torch.float64)
