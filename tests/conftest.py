@@ -94,6 +94,23 @@ def tiny_gpt2(seed: int, **config: Any) -> nn.Module:
     return transformers.GPT2LMHeadModel(transformers.GPT2Config(**options)).eval()
 
 
+WORDS = ["<pad>", "<eos>", "<unk>", *(f"w{i}" for i in range(97))]  # `word_tokenizer`'s vocabulary
+
+
+def word_tokenizer() -> Any:
+    """A `PreTrainedTokenizerFast` over `WORDS`, one token per word ("w5"; any other word is
+    "<unk>"), with an end-of-sequence token and no pad token; built here, nothing downloaded."""
+    transformers = pytest.importorskip("transformers")
+    tokenizers = pytest.importorskip("tokenizers")
+    core = tokenizers.Tokenizer(
+        tokenizers.models.WordLevel({word: i for i, word in enumerate(WORDS)}, unk_token="<unk>")
+    )
+    core.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    return transformers.PreTrainedTokenizerFast(
+        tokenizer_object=core, eos_token="<eos>", unk_token="<unk>"
+    )
+
+
 def tiny_llama(seed: int, **config: Any) -> nn.Module:
     """A config-built Llama (2 layers, 32 wide, 2 heads and 2 key/value heads, 100 tokens,
     unless `config` says otherwise) in eval mode, its weights drawn from `seed`."""

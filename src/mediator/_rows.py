@@ -117,12 +117,7 @@ def merge_cached(
     if factor is None:
         return view
     own = scaled(rows, factor)
-    at_rows = full[own]
-    if (view.data_ptr(), view.shape, view.stride()) == (
-        at_rows.data_ptr(),
-        at_rows.shape,
-        at_rows.stride(),
-    ):
+    if view.is_set_to(full[own]):  # the same memory: storage, offset, shape and strides
         return full
     return torch.slice_scatter(full, view, 0, own.start, own.stop)
 

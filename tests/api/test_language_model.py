@@ -14,29 +14,17 @@ import functools
 
 import pytest
 import torch
-from conftest import assert_untouched, tiny_gpt2, tiny_llama
+from conftest import WORDS, assert_untouched, tiny_gpt2, tiny_llama, word_tokenizer
 from torch import nn
 
 import mediator
 
 transformers = pytest.importorskip("transformers")
-tokenizers = pytest.importorskip("tokenizers")
+pytest.importorskip("tokenizers")
 transformers.logging.set_verbosity_error()
 
-WORDS = ["<pad>", "<eos>", "<unk>", *(f"w{i}" for i in range(97))]
 PROMPTS = ["w1 w2 w3 w4 w5", "w6", "w7 w8 w9"]
 LAYERS = {"llama": "model.layers", "gpt2": "transformer.h"}
-
-
-def _tokenizer() -> object:
-    """A word-level tokenizer over `WORDS` ("w5" is one token), without a pad token."""
-    core = tokenizers.Tokenizer(
-        tokenizers.models.WordLevel({word: i for i, word in enumerate(WORDS)}, unk_token="<unk>")
-    )
-    core.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
-    return transformers.PreTrainedTokenizerFast(
-        tokenizer_object=core, eos_token="<eos>", unk_token="<unk>"
-    )
 
 
 @pytest.fixture(scope="module", params=["llama", "gpt2"])
@@ -46,7 +34,7 @@ def saved(request, tmp_path_factory) -> tuple[str, str]:
     net = tiny_llama(51) if kind == "llama" else tiny_gpt2(52, n_positions=64)
     path = tmp_path_factory.mktemp(kind)
     net.save_pretrained(path)
-    _tokenizer().save_pretrained(path)
+    word_tokenizer().save_pretrained(path)
     return kind, str(path)
 
 
@@ -148,9 +136,9 @@ def test_standard_names_taken_before_loading_address_the_loaded_modules(saved, o
     real = layers(oracle, kind)
     handles = [
         real[1].register_forward_hook(keep("block")),
-        real[0].get_submodule("self_attn" if kind == "llama" else "attn").register_forward_hook(
-            keep("attention")
-        ),
+        real[0]
+        .get_submodule("self_attn" if kind == "llama" else "attn")
+        .register_forward_hook(keep("attention")),
     ]
     try:
         with torch.no_grad():
@@ -289,7 +277,7 @@ def test_a_body_error_in_scan_raises_as_in_a_trace(saved):
 
 
 def test_a_module_passed_in_is_used_as_it_is(saved, oracle, loads):
-    lm = mediator.LanguageModel(oracle, tokenizer=_tokenizer())
+    lm = mediator.LanguageModel(oracle, tokenizer=word_tokenizer())
     assert lm.dispatched and lm.tokenizer.pad_token == "<eos>"
     with torch.no_grad(), lm.trace(PROMPTS[1:]):
         logits = lm.output.logits

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import MLP, ROOT
+from conftest import MLP, ROOT, tiny_llama, word_tokenizer
 
 import mediator
 
@@ -17,8 +17,12 @@ README = ROOT / "README.md"
 BLOCKS = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
 
 
-def _namespace(block: str) -> dict[str, Any]:
+def _namespace(block: str, folder: Path) -> dict[str, Any]:
     torch.manual_seed(0)
+    if "LanguageModel(" in block:  # a tiny Llama and a word tokenizer saved to `folder`
+        tiny_llama(0).save_pretrained(folder)
+        word_tokenizer().save_pretrained(folder)
+        return {"path": str(folder), "steer": torch.randn(32)}
     if "generate(" in block:
         net = mediator.models.TinyLM().eval()
         return {
@@ -50,7 +54,7 @@ def test_readme_block_runs(index: int, tmp_path: Path) -> None:
     block = BLOCKS[index]
     script = tmp_path / f"readme_block_{index}.py"  # a file: with-bodies are read from source
     script.write_text(block)
-    result = runpy.run_path(str(script), init_globals=_namespace(block))
+    result = runpy.run_path(str(script), init_globals=_namespace(block, tmp_path / "model"))
     if "tokens = tr.result" in block:
         assert result["tokens"].shape == (1, 10)
         assert result["stacked"].shape[0] == 1
@@ -60,6 +64,14 @@ def test_readme_block_runs(index: int, tmp_path: Path) -> None:
         assert not torch.equal(result["ablated"][:, -1].argmax(-1), answer)
     if "patched = net(corrupt)" in block:  # the same patch with plain hooks
         assert torch.equal(result["patched"][:, -1].argmax(-1), result["answer"])
+    if "LanguageModel(" in block:  # against the same folder loaded by transformers, solo
+        transformers = pytest.importorskip("transformers")
+        oracle = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "model")
+        ids = word_tokenizer()("The Eiffel Tower is in", return_tensors="pt").input_ids
+        with torch.no_grad():
+            expected = oracle(ids).logits[:, -1]
+        torch.testing.assert_close(result["last"], expected)
+        assert result["shape"] == result["h"].shape  # scan: the shapes a real trace gives
     if "cache = tr.cache" in block:
         assert result["h"].grad is not None
         assert len(result["cache"]["layers.0"]) == 1
