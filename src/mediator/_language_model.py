@@ -30,7 +30,14 @@ from ._causal_lm import CausalLMBatcher
 from ._default_batcher import default_batcher
 from ._envoy import Model
 from ._errors import UsageError
-from ._pretrained import build_tree, load_config, load_tokenizer, load_weights, prepare_tokenizer
+from ._pretrained import (
+    build_tree,
+    input_device,
+    load_config,
+    load_tokenizer,
+    load_weights,
+    prepare_tokenizer,
+)
 from ._renames import Renames
 from ._skips import fake_copy
 from ._tokenized import TextBatcher
@@ -111,6 +118,8 @@ class LanguageModel(Model):
         object.__setattr__(self, "_loading", threading.Lock())
         object.__setattr__(self, "_rebuild", rebuild)
         object.__setattr__(self, "_renames", renames)
+        if pending is None:
+            batcher.device = input_device(module)
 
     @property
     def tokenizer(self) -> Any:
@@ -168,6 +177,7 @@ class LanguageModel(Model):
             traced = self._traced_of(loaded)
             object.__setattr__(self, "_traced", traced)
             self._point_at(loaded)
+            self._batcher.device = input_device(loaded)
             object.__setattr__(self, "_pending", None)
 
     def trace(self, *args: Any, **kwargs: Any) -> Tracer:

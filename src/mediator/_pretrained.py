@@ -15,6 +15,7 @@ from __future__ import annotations
 from contextlib import AbstractContextManager
 from typing import Any
 
+import torch
 from torch import nn
 
 #: Options of `from_pretrained` that say where and how to find the files.
@@ -75,6 +76,17 @@ def load_weights(path: str, options: dict[str, Any]) -> nn.Module:
 
     module: nn.Module = AutoModelForCausalLM.from_pretrained(path, **options)
     return module
+
+
+def input_device(module: nn.Module) -> torch.device | None:
+    """Where `module`'s token embeddings are, which is where tokenized inputs go; None where
+    that is not known (no embeddings, or weights not loaded or offloaded: accelerate's hooks
+    then move the inputs)."""
+    embeddings = getattr(module, "get_input_embeddings", None)
+    weight = getattr(embeddings() if callable(embeddings) else None, "weight", None)
+    if isinstance(weight, torch.Tensor) and weight.device.type != "meta":
+        return weight.device
+    return None
 
 
 def load_tokenizer(path: str, options: dict[str, Any]) -> tuple[Any, str | None]:

@@ -4,10 +4,11 @@
 string, a list of strings (one row each), token ids (a list of ints, a list of rows of any
 lengths, a tensor), or a `BatchEncoding`/dict holding `input_ids` (and maybe `attention_mask`);
 it becomes `input_ids` and `attention_mask`, rows of different lengths left-padded as prompts of
-different invokes are (`_lm_inputs.pad`). For a forward pass, rows with padding also get the
-position ids they have alone, so that every row computes what its prompt computes unpadded;
-`generate` numbers positions over the mask itself. State: each batcher's tokenizer (or why
-there is none), which its `LanguageModel` sets.
+different invokes are (`_lm_inputs.pad`), on the device of the model's token embeddings
+(`device`; tensors the user passes stay where they are). For a forward pass, rows with padding
+also get the position ids they have alone, so that every row computes what its prompt computes
+unpadded; `generate` numbers positions over the mask itself. State: each batcher's tokenizer
+(or why there is none) and input device, which its `LanguageModel` sets.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ class TextBatcher(CausalLMBatcher):
         super().__init__(**options)
         self.tokenizer = tokenizer
         self.missing = missing
+        self.device: torch.device | None = None  # where the tensors it makes go (see `encode`)
 
     @classmethod
     def like(cls, batcher: CausalLMBatcher, tokenizer: Any, missing: str | None = None) -> Any:
@@ -77,7 +79,7 @@ class TextBatcher(CausalLMBatcher):
             # ((ids [1, T],), {"attention_mask": ones [1, T]})
         """
         if args and not isinstance(args[0], torch.Tensor):
-            encoded = self.encode(args[0])
+            encoded = {name: self._placed(value) for name, value in self.encode(args[0]).items()}
             tokens = encoded.pop("input_ids", None)
             args = args[1:] if tokens is None else (tokens, *args[1:])
             kwargs = {**encoded, **kwargs}
@@ -107,6 +109,12 @@ class TextBatcher(CausalLMBatcher):
             if all(_is_row(item) for item in value):
                 return self._padded(list(value), None)
         raise TypeError(f"a language model's input is {_ACCEPTED}; got {describe(value)}")
+
+    def _placed(self, value: Any) -> Any:
+        """A tensor made from text or token lists, on the model's input device (if known)."""
+        if self.device is None or not isinstance(value, torch.Tensor):
+            return value
+        return value.to(self.device)
 
     def _tokenize(self, texts: Sequence[str]) -> list[list[int]]:
         if self.tokenizer is None:

@@ -321,3 +321,19 @@ def test_a_path_without_a_config_or_a_module_that_is_no_lm_raise(tmp_path):
         mediator.LanguageModel(nn.Linear(2, 2))
     with pytest.raises(TypeError, match="takes a hub id, a path or a torch.nn.Module"):
         mediator.LanguageModel(3)  # type: ignore[arg-type]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_text_inputs_go_to_the_device_of_the_embeddings(saved, oracle):
+    kind, path = saved
+    lm = mediator.LanguageModel(path, device_map={"": 0})
+    with torch.no_grad(), lm.trace() as tr:
+        with tr.invoke(PROMPTS[0]):
+            first = lm.output.logits
+        with tr.invoke([PROMPTS[1], PROMPTS[2]]):
+            both = lm.output.logits
+    assert first.device.type == "cuda" and both.device.type == "cuda"
+    rows = [*first.cpu(), *both.cpu()]
+    for row, prompt in zip(rows, PROMPTS, strict=True):  # GPU kernels: a looser tolerance
+        solo = solo_logits(oracle, prompt)
+        torch.testing.assert_close(row[-len(solo) :], solo, atol=1e-4, rtol=1e-4)
