@@ -337,8 +337,18 @@ class Interleaver(Waits):
             if not self.abandoned:  # else the cancellation chain still walks them
                 self.mediators = []
 
+    def grow(self) -> None:
+        """Count the sites added to the model since this trace began (operations inside a
+        forward, named by a body through `.source`). Called by the baton holder."""
+        missing = len(self.paths) - len(self.started)
+        if missing > 0:
+            self.started.extend([0] * missing)
+            self.watch[INPUT].extend([0] * missing)
+            self.watch[OUTPUT].extend([0] * missing)
+
     def open_cache(self, cache: Cache) -> None:
         """Start recording the modules of `cache` (they become watched boundaries)."""
+        self.grow()
         for site in cache.paths:
             self.watch[OUTPUT][site] += 1
             if cache.record_inputs:
@@ -502,7 +512,7 @@ class Interleaver(Waits):
         after those of the calls it made)."""
         started, open_calls = (self.started, self.open_calls) if position is None else position
         site, kind, call = key
-        began = started[site] > call
+        began = site < len(started) and started[site] > call  # a site added since: not yet
         return began if kind == INPUT else began and (site, call) not in open_calls
 
     def position(self) -> Position:

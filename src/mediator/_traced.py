@@ -3,19 +3,28 @@
 `Model` builds one `Traced` when it wraps a module and hands it to every trace it opens, so a
 trace never reaches into the Model itself. Site numbers index `paths` and `taps`; a module
 registered under several names is one site (its first path); `dims` says where each site's
-values hold the batch (`_layouts.py`), decided once here. The object is not changed after it
-is built, except that a tap replaced behind the library's back is re-made in `taps` (`_tap.py`).
+values hold the batch (`_layouts.py`), decided once here. The modules are the first
+`len(taps)` sites. Later sites are operations inside a forward (`envoy.source`,
+`_operations.py`): `add_site` appends them, under `_SITES_LOCK`, when the user first names one,
+possibly while a trace runs (its Interleaver then grows its per-site counts, see
+`Interleaver.grow`); `sources` holds the rewritten forward of each module site that has one.
+Nothing else changes after the object is built, except that a tap replaced behind the
+library's back is re-made in `taps` (`_tap.py`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, field
+from typing import Any
 
 from torch import nn
 
 from ._batcher import Batcher
 from ._layouts import Dims, check_overrides, site_dims
 from ._tap import Tap
+
+_SITES_LOCK = threading.Lock()
 
 
 @dataclass(frozen=True, eq=False)
@@ -24,11 +33,12 @@ class Traced:
 
     module: nn.Module
     paths: list[str]  # site -> path ("" for the root)
-    taps: list[Tap]  # site -> its tap
+    taps: list[Tap]  # module site -> its tap
     sites: dict[int, int]  # id(module) -> site
     batcher: Batcher
     pin_threads: bool
     dims: tuple[list[Dims], list[Dims]]  # INPUT/OUTPUT -> site -> where its values' rows are
+    sources: dict[int, Any] = field(default_factory=dict)  # module site -> its `.source`
 
     @classmethod
     def of(cls, module: nn.Module, batcher: Batcher, pin_threads: bool) -> Traced:
@@ -46,3 +56,12 @@ class Traced:
         layouts = {path: batcher.layout(path, sub) for path, sub in module.named_modules()}
         dims = site_dims(module, paths, layouts)
         return cls(module, paths, taps, sites, batcher, pin_threads, dims)
+
+    def add_site(self, path: str) -> int:
+        """A new site (an operation inside a forward) at `path`; its values hold the batch
+        where the default rule says. Returns its number."""
+        with _SITES_LOCK:
+            self.dims[0].append(None)
+            self.dims[1].append(None)
+            self.paths.append(path)
+            return len(self.paths) - 1
