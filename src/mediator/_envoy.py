@@ -17,6 +17,7 @@ from torch import nn
 
 from ._batcher import Batcher
 from ._causal_lm import CausalLMBatcher
+from ._edits import Editor
 from ._errors import UsageError
 from ._interventions import Interventions
 from ._lm_loss import LossFunction
@@ -27,6 +28,7 @@ from ._operations import module_source
 from ._protocol import Key
 from ._traced import Traced
 from ._tracer import Tracer
+from ._tree import tensors
 
 _API = ("output", "input", "inputs", "path")
 
@@ -270,8 +272,64 @@ class Model(Envoy):
         plain, module = module, _uncompiled(module)
         traced = Traced.of(module, batcher or _default_batcher(module), pin_threads)
         object.__setattr__(self, "_traced", traced)
+        object.__setattr__(self, "_edits", [])  # (fn, args, kwargs) run first in every trace
         super().__init__(module, "", self)
         object.__setattr__(self, "_plain", plain)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        """Call the model: plainly (the same as the module), or, when it has edits, as a
+        trace that applies them (keyword arguments that hold no tensor are call options).
+
+        Example:
+
+            y = model(x)                        # net(x)
+            edited = model.edit().run(silence)
+            y = edited(x)                       # net(x) with the edit applied
+        """
+        if not self._edits:
+            return self._plain(*args, **kwargs)
+        inputs = {key: value for key, value in kwargs.items() if tensors(value)}
+        options = {key: value for key, value in kwargs.items() if key not in inputs}
+        tracer = Tracer(self, self._traced, (), options)
+        with tracer:
+            tracer.invoke(*args, **inputs).run(_nothing)
+        return tracer.result
+
+    def edit(self, *, inplace: bool = False) -> Editor:
+        """Record a persistent intervention: `with model.edit() as edited:` (or
+        `model.edit().run(fn, *args)`). The body runs first in every trace, generation and
+        call of `edited`, on every row, before the trace's own invokes; as any body, its
+        requests target step 0 (in generation, the pass over the prompt). `edited` is a new
+        `Model` of the same module, with this Model's edits and the new one; the module and
+        this Model are untouched. `inplace=True` adds the edit to this Model instead.
+
+        Example:
+
+            with model.edit() as edited:
+                model.layers[0].output[:] = 0
+            with edited.trace(x):
+                h = edited.layers[1].output         # after layers.0 was zeroed
+            model.edit(inplace=True).run(silence)   # now `model` itself applies `silence`
+            model.clear_edits()
+        """
+        return Editor(self, inplace)
+
+    def clear_edits(self) -> None:
+        """Remove every edit of this Model (Models made from it keep theirs).
+
+        Example:
+
+            model.clear_edits()
+            y = model(x)                            # a plain call again
+        """
+        self._edits.clear()
+
+    def _copy(self) -> Model:
+        """A Model of the same module and sites, with a copy of this one's edits."""
+        copy = object.__new__(type(self))
+        copy.__dict__.update(self.__dict__)
+        object.__setattr__(copy, "_edits", list(self._edits))
+        return copy
 
     def trace(self, *args: Any, **kwargs: Any) -> Tracer:
         """A trace: with inputs, its with-body is the single invoke; without, it holds
@@ -318,6 +376,10 @@ class Model(Envoy):
                 "for a forward pass"
             )
         return Tracer(self, self._traced, args, kwargs, method="generate")
+
+
+def _nothing() -> None:
+    """The body of a plain call of an edited model: the edits do the work."""
 
 
 def _uncompiled(module: nn.Module) -> nn.Module:
