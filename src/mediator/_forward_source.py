@@ -60,7 +60,7 @@ class Rewrite:
     def instantiate(self, wrappers: Sequence[Callable[..., Any]]) -> types.FunctionType:
         """The function with call `i` going through `wrappers[i]`."""
         original = self.function
-        cells = dict(zip(original.__code__.co_freevars, original.__closure__ or ()))
+        cells = dict(zip(original.__code__.co_freevars, original.__closure__ or (), strict=True))
         cells[_OPS] = types.CellType(list(wrappers))
         closure = tuple(cells[name] for name in self.code.co_freevars)
         copy = types.FunctionType(
@@ -101,7 +101,7 @@ def rewrap(chain: list[Any], inner: types.FunctionType) -> Callable[..., Any]:
     wrapper that holds the next function in a closure cell is copied with `inner` there. The
     first wrapper that does not is left out, with every one above it."""
     built: Callable[..., Any] = inner
-    for wrapper, wrapped in zip(reversed(chain[:-1]), reversed(chain[1:])):
+    for wrapper, wrapped in zip(reversed(chain[:-1]), reversed(chain[1:]), strict=True):
         cells = getattr(wrapper, "__closure__", None) or ()
         if not isinstance(wrapper, types.FunctionType) or not any(
             cell.cell_contents is wrapped for cell in cells if _filled(cell)

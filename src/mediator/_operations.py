@@ -23,6 +23,7 @@ import types
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+import torch
 from torch import nn
 
 from ._errors import SourceUnavailableError, UsageError
@@ -77,6 +78,7 @@ class FunctionSource:
         self.rewrite: Rewrite | None = None  # known before the call (None: found when called)
         self.operations: dict[str, OperationSite] = {}
         self.envoy: Any = None  # its SourceEnvoy, made once
+        self.module: nn.Module | None = None  # the module whose forward this is, if any
         self._copies: dict[int, tuple[Any, Callable[..., Any]]] = {}
 
     def operation(self, name: str) -> OperationSite:
@@ -85,7 +87,7 @@ class FunctionSource:
             found = self.operations[name] = OperationSite(self, name)
         return found
 
-    def rewritten(self, function: types.FunctionType) -> tuple[Rewrite, Callable[..., Any]]:
+    def rewritten(self, function: Any) -> tuple[Rewrite, Callable[..., Any]]:
         """`function` (decorators included) with its calls routed through this source's
         operations."""
         chain = unwrap(function)
@@ -133,13 +135,14 @@ class FunctionSource:
 
 def module_source(traced: Traced, site: int, path: str) -> FunctionSource:
     """The source of the module at `site`, rewriting its forward on first use."""
-    found = traced.sources.get(site)
+    found: FunctionSource | None = traced.sources.get(site)
     if found is not None:
         return found
     tap = traced.taps[site]
     module = tap.module
     label = f"model.{path}.source" if path else "model.source"
     node = FunctionSource(traced, tap.routes, path, label)
+    node.module = module
     forward, hooked = _forward_of(module, tap.original, label)
     node.rewrite, copy = node.rewritten(forward)
     bound = types.MethodType(copy, module)
@@ -189,11 +192,9 @@ def _with_accelerate_hook(module: nn.Module, forward: Callable[..., Any]) -> Cal
     """What accelerate's forward does around `_old_forward`, around `forward` instead."""
 
     def hooked(*args: Any, **kwargs: Any) -> Any:
-        hook = module._hf_hook
+        hook: Any = module.__dict__["_hf_hook"]
         args, kwargs = hook.pre_forward(module, *args, **kwargs)
         if getattr(hook, "no_grad", False):
-            import torch
-
             with torch.no_grad():
                 output = forward(*args, **kwargs)
         else:
@@ -210,7 +211,7 @@ def _resolve(rewrite: Rewrite, name: str, owner: FunctionSource) -> Any:
     if operation is None:
         return _UNKNOWN
     function = rewrite.function
-    cells = dict(zip(function.__code__.co_freevars, function.__closure__ or ()))
+    cells = dict(zip(function.__code__.co_freevars, function.__closure__ or (), strict=True))
     expression = operation.expression
     attributes: list[str] = []
     while hasattr(expression, "attr") and hasattr(expression, "value"):
@@ -220,7 +221,7 @@ def _resolve(rewrite: Rewrite, name: str, owner: FunctionSource) -> Any:
     first = function.__code__.co_varnames[:1]
     if base is None:
         return _UNKNOWN
-    module = _module_at(owner)
+    module = owner.module
     if base in first and module is not None:
         value: Any = module
     elif base in cells:
@@ -239,14 +240,6 @@ def _resolve(rewrite: Rewrite, name: str, owner: FunctionSource) -> Any:
     except AttributeError:
         return _UNKNOWN
     return value
-
-
-def _module_at(owner: FunctionSource) -> nn.Module | None:
-    """The module whose forward `owner` is (None for a nested function's source)."""
-    for site, source in owner.traced.sources.items():
-        if source is owner:
-            return owner.traced.taps[site].module
-    return None
 
 
 def _module_message(label: str, module: nn.Module) -> str:
