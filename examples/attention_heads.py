@@ -63,9 +63,8 @@ with model.edit() as edited:  # the ablation, made persistent
 with torch.no_grad():
     persistent = edited(ids).logits
 
-print(
-    f"attention weights {tuple(weights.shape)}, rows sum to 1: {weights.sum(-1).allclose(torch.ones(1))}"
-)
+normalised = weights.sum(-1).allclose(torch.ones(1))
+print(f"attention weights {tuple(weights.shape)}, rows sum to 1: {normalised}")
 same = weights.allclose(expected) and softmax.allclose(expected)
 print(f"same as output_attentions=True: {'yes' if same else 'no'}")
 change = (ablated - plain).abs().max().item()

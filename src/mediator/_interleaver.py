@@ -337,15 +337,6 @@ class Interleaver(Waits):
             if not self.abandoned:  # else the cancellation chain still walks them
                 self.mediators = []
 
-    def grow(self) -> None:
-        """Count the sites added to the model since this trace began (operations inside a
-        forward, named by a body through `.source`). Called by the baton holder."""
-        missing = len(self.paths) - len(self.started)
-        if missing > 0:
-            self.started.extend([0] * missing)
-            self.watch[INPUT].extend([0] * missing)
-            self.watch[OUTPUT].extend([0] * missing)
-
     def open_cache(self, cache: Cache) -> None:
         """Start recording the modules of `cache` (they become watched boundaries)."""
         self.grow()
