@@ -83,7 +83,12 @@ class OperationEnvoy(Interventions):
 
     @property
     def path(self) -> str:
-        """The operation's path, e.g. `"layers.0.attn.source.softmax_0"`."""
+        """The operation's path: its module's, `.source.` and its name.
+
+        Example:
+
+            model.layers[0].attn.source.softmax_0.path  # "layers.0.attn.source.softmax_0"
+        """
         return self._operation.path
 
     @property
@@ -110,6 +115,12 @@ class OperationEnvoy(Interventions):
         return mediator, (self._site, kind, mediator.step)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        """An operation cannot be called (`UsageError`): call its module or function instead.
+
+        Example:
+
+            model.layers[0].attn(x)                 # not model.layers[0].attn.source.fc_0(x)
+        """
         raise UsageError(f"{self._label()} is an operation inside a forward: it cannot be called")
 
     def __repr__(self) -> str:
