@@ -13,22 +13,25 @@ from typing import Any, overload
 
 from torch import nn
 
-from . import _context
 from ._batcher import Batcher
-from ._callsite import user_location
 from ._default_batcher import default_batcher
+from ._edits import Editor
 from ._errors import UsageError
+from ._interventions import Interventions
 from ._mediator import Mediator
 from ._names import closest_hint
-from ._protocol import INPUT, OUTPUT, Key
+from ._operation_envoy import SourceEnvoy, source_envoy
+from ._operations import module_source
+from ._protocol import Key
 from ._renames import Renames
 from ._traced import Traced
 from ._tracer import Tracer
+from ._tree import tensors
 
 _API = ("output", "input", "inputs", "path")
 
 
-class Envoy:
+class Envoy(Interventions):
     """A proxy for one module of a `Model`: `model.layers[0].mlp` is the Envoy of that module.
 
     Envoys mirror the module tree: a child by attribute (`model.layers`), by position
@@ -228,12 +231,7 @@ class Envoy:
     # -- interventions ------------------------------------------------------------------------
 
     def _request(self, what: str, kind: int) -> tuple[Mediator, Key]:
-        mediator = _context.current() or _context.require(f"{self._label()}.{what}")
-        if mediator.tracer.model is not self._model:
-            raise UsageError(
-                f"{self._label()}.{what} belongs to another Model than the one this invoke "
-                "traces; use the Envoys of the model passed to this trace"
-            )
+        mediator = self._mediator(what)
         site = self._site
         if site is None and type(self._module).__name__ == "OptimizedModule":
             raise UsageError(
@@ -252,128 +250,35 @@ class Envoy:
             mediator.spelled[site] = self._path  # errors name the module as the body did
         return mediator, (site, kind, mediator.step)
 
-    @property
-    def output(self) -> Any:
-        """The module's output for this invoke's rows (blocks until the module has run).
-
-        Reading it gives the real value the model computed, narrowed to this invoke's rows of the
-        batch, on the device where the module made it (nothing is moved on read). Setting it
-        (`.output = v`) replaces that value for the rest of the forward pass; `v` must have the
-        same structure and shapes (else `ShapeError`), and its tensors are moved to the device
-        and dtype of those they replace (a float32 value over a bfloat16 output becomes
-        bfloat16, a CPU one over a CUDA output moves to the GPU; the same holds for `.inputs`,
-        `.input` and `.skip`); a cast across kinds, which PyTorch does not make in place either
-        (a float into an integer, a complex into a float), is a `ShapeError`. Editing the tensor
-        in place (`.output[:, 0] = 0`) changes it too. Inside `tr.iter[...]` it is the output of the
-        module's call numbered `step`, else of its first call. Calls are numbered in the order
-        they start: a module that calls itself returns from its inner calls (higher numbers)
-        before the outer one, so request their outputs first. It is what the module's
-        `forward` returned: forward hooks registered on the module itself run after it (a hook
-        that changes the output changes the value read or set here, as it would a plain
-        output). Outside an invoke body it raises `UsageError`; a module the model has already
-        run raises `OutOfOrderError`.
-
-        Example:
-
-            with model.trace(x):
-                h = model.layers[1].output
-                model.layers[1].output = h * 2      # the rest of the forward sees h * 2
-                model.layers[2].output[:, 0] = 0    # an in-place edit of the real tensor
-                logits = model.output               # the root module's output
-        """
-        mediator, key = self._request("output", OUTPUT)
-        return mediator.value(key)
-
-    @output.setter
-    def output(self, value: Any) -> None:
-        mediator, key = self._request("output", OUTPUT)
-        mediator.swap(key, lambda old: value, user_location())
+    # -- operations inside the forward --------------------------------------------------------
 
     @property
-    def inputs(self) -> tuple[tuple[Any, ...], dict[str, Any]]:
-        """`(args, kwargs)` of the module's call, for this invoke's rows.
+    def source(self) -> SourceEnvoy:
+        """The operations inside the module's `forward`: each call it makes, by name.
 
-        Set it to a new `(args, kwargs)` pair to call the module with other arguments; tensors
-        must keep their shapes. Like `.output`, it waits until the model reaches the call, and
-        must be requested before the module's output.
-
-        Example:
-
-            with model.trace(x):
-                args, kwargs = model.layers[0].inputs
-                model.layers[0].inputs = ((args[0] * 0.5,), kwargs)
-        """
-        mediator, key = self._request("inputs", INPUT)
-        return mediator.value(key)  # type: ignore[no-any-return]
-
-    @inputs.setter
-    def inputs(self, value: tuple[Any, Any]) -> None:
-        mediator, key = self._request("inputs", INPUT)
-        try:
-            args, kwargs = value
-            new = (tuple(args), dict(kwargs))
-        except (TypeError, ValueError):
-            raise TypeError(
-                f"{self._label()}.inputs must be set to (args, kwargs), e.g. ((x,), {{}})"
-            ) from None
-        mediator.swap(key, lambda old: new, user_location())
-
-    @property
-    def input(self) -> Any:
-        """The first positional argument of the call (or the first keyword argument).
-
-        Settable: `.input = v` replaces just that argument and keeps the others. A call without
-        any argument has no `.input` (`UsageError`).
+        `print(envoy.source)` shows the forward's source, each line followed by the names of
+        the calls it makes: the called name and a number in source order (`softmax_0`,
+        `o_proj_0`, `transpose_2`). `envoy.source.<name>` then has `.output`, `.input`,
+        `.inputs` and `.skip(v)` like a module, and `.source` of its own for the function it
+        calls. The forward is rewritten the first time `.source` is used, and the rewrite runs
+        only inside traces: plain calls run the module's own forward. A forward without Python
+        source raises `SourceUnavailableError`.
 
         Example:
 
-            with model.trace(x):
-                h = model.layers[1].input               # what layers.0 passed on
-                model.layers[1].input = h + steer       # layers.1 runs on the edited value
+            attention = model.layers[0].self_attn
+            print(attention.source)             # the forward, its calls named
+            with model.trace(input_ids):
+                weights = attention.source.attention_interface_0.output[1]
+                attention.source.o_proj_0.input[:, :, :8] = 0   # ablate head 0
         """
-        mediator, key = self._request("input", INPUT)
-        args, kwargs = mediator.value(key)
-        if args:
-            return args[0]
-        if kwargs:
-            return next(iter(kwargs.values()))
-        raise UsageError(f"{self._label()} was called without arguments: it has no .input")
-
-    @input.setter
-    def input(self, value: Any) -> None:
-        mediator, key = self._request("input", INPUT)
-        label = self._label()
-
-        def replace_first(old: tuple[tuple[Any, ...], dict[str, Any]]) -> Any:
-            args, kwargs = old
-            if args:
-                return ((value, *args[1:]), kwargs)
-            if kwargs:
-                first = next(iter(kwargs))
-                return (args, {**kwargs, first: value})
-            raise UsageError(f"{label} was called without arguments: it has no .input to set")
-
-        mediator.swap(key, replace_first, user_location())
-
-    def skip(self, value: Any) -> None:
-        """Do not run this module for this invoke: `value` is its output.
-
-        Call it before the module runs. `value` must look like the output the module would have
-        given for this invoke's rows (the same structure and shapes, else `ShapeError`); its
-        tensors are moved to that output's devices and dtypes, as for `.output = v`. Other
-        invokes of the trace still run the module on their own rows; when none does, a copy of
-        the module runs on fake tensors (no data, no effect on the module, its inputs or hooks)
-        to learn those shapes.
-
-        Example:
-
-            with model.trace(x):
-                h = model.layers[1].output
-                model.layers[2].skip(h)             # layers.2 does not run; h is its output
-                out = model.output
-        """
-        mediator, key = self._request("skip()", INPUT)
-        mediator.skip(key, value, user_location())
+        site = self._site
+        if site is None:
+            raise UsageError(
+                f"{self._label()} is a {type(self._module).__name__} that the model never calls "
+                "itself: its forward has no operations to reach"
+            )
+        return source_envoy(module_source(self._model._traced, site, self._path), self._model)
 
 
 class Model(Envoy):
@@ -428,11 +333,67 @@ class Model(Envoy):
         renames = Renames(module, rename, frozenset(dir(type(self))))
         traced = Traced.of(module, batcher or default_batcher(module), pin_threads, renames)
         object.__setattr__(self, "_traced", traced)
+        object.__setattr__(self, "_edits", [])  # (fn, args, kwargs) run first in every trace
         super().__init__(module, "", self)
         object.__setattr__(self, "_plain", plain)
 
     def __repr__(self) -> str:
         return repr(self._module) + self._traced.renames.summary()
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        """Call the model: plainly (the same as the module), or, when it has edits, as a
+        trace that applies them (keyword arguments that hold no tensor are call options).
+
+        Example:
+
+            y = model(x)                        # net(x)
+            edited = model.edit().run(silence)
+            y = edited(x)                       # net(x) with the edit applied
+        """
+        if not self._edits:
+            return self._plain(*args, **kwargs)
+        inputs = {key: value for key, value in kwargs.items() if tensors(value)}
+        options = {key: value for key, value in kwargs.items() if key not in inputs}
+        tracer = Tracer(self, self._traced, (), options)
+        with tracer:
+            tracer.invoke(*args, **inputs).run(_nothing)
+        return tracer.result
+
+    def edit(self, *, inplace: bool = False) -> Editor:
+        """Record a persistent intervention: `with model.edit() as edited:` (or
+        `model.edit().run(fn, *args)`). The body runs first in every trace, generation and
+        call of `edited`, on every row, before the trace's own invokes; as any body, its
+        requests target step 0 (in generation, the pass over the prompt). `edited` is a new
+        `Model` of the same module, with this Model's edits and the new one; the module and
+        this Model are untouched. `inplace=True` adds the edit to this Model instead.
+
+        Example:
+
+            with model.edit() as edited:
+                model.layers[0].output[:] = 0
+            with edited.trace(x):
+                h = edited.layers[1].output         # after layers.0 was zeroed
+            model.edit(inplace=True).run(silence)   # now `model` itself applies `silence`
+            model.clear_edits()
+        """
+        return Editor(self, inplace)
+
+    def clear_edits(self) -> None:
+        """Remove every edit of this Model (Models made from it keep theirs).
+
+        Example:
+
+            model.clear_edits()
+            y = model(x)                            # a plain call again
+        """
+        self._edits.clear()
+
+    def _copy(self) -> Model:
+        """A Model of the same module and sites, with a copy of this one's edits."""
+        copy = object.__new__(type(self))
+        copy.__dict__.update(self.__dict__)
+        object.__setattr__(copy, "_edits", list(self._edits))
+        return copy
 
     def trace(self, *args: Any, **kwargs: Any) -> Tracer:
         """A trace: with inputs, its with-body is the single invoke; without, it holds
@@ -479,6 +440,10 @@ class Model(Envoy):
                 "for a forward pass"
             )
         return Tracer(self, self._traced, args, kwargs, method="generate")
+
+
+def _nothing() -> None:
+    """The body of a plain call of an edited model: the edits do the work."""
 
 
 def _uncompiled(module: nn.Module) -> nn.Module:

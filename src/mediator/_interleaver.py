@@ -339,6 +339,7 @@ class Interleaver(Waits):
 
     def open_cache(self, cache: Cache) -> None:
         """Start recording the modules of `cache` (they become watched boundaries)."""
+        self.grow()
         for site in cache.paths:
             self.watch[OUTPUT][site] += 1
             if cache.record_inputs:
@@ -502,7 +503,7 @@ class Interleaver(Waits):
         after those of the calls it made)."""
         started, open_calls = (self.started, self.open_calls) if position is None else position
         site, kind, call = key
-        began = started[site] > call
+        began = site < len(started) and started[site] > call  # a site added since: not yet
         return began if kind == INPUT else began and (site, call) not in open_calls
 
     def position(self) -> Position:

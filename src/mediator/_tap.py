@@ -53,26 +53,29 @@ Route = tuple[Any, int]
 class Tap:
     """The `forward` wrapper of one module and the table of threads that trace it."""
 
-    __slots__ = ("module", "attributes", "saved", "routes", "forward", "eager", "compiled")
+    __slots__ = (
+        "module",
+        "attributes",
+        "saved",
+        "original",
+        "routes",
+        "forward",
+        "eager",
+        "compiled",
+    )
 
     def __init__(self, module: nn.Module) -> None:
         self.module = module
         self.attributes = module.__dict__
         self.saved = module.__dict__.get("forward", _ABSENT)
         self.compiled: Callable[..., Any] | None = None  # `_compiled_call_impl` while tapped
+        self.routes: dict[int, Route] = {}
         original: Callable[..., Any] = module.forward
+        self.original = original  # the module's own forward, as the tap found it
+        self.forward = self._forward(original, original)
         call_impl: Callable[..., Any] = module._call_impl
-        routes: dict[int, Route] = {}
-        get_route = routes.get
+        routes = self.routes
         get_ident = threading.get_ident
-
-        def forward(*args: Any, **kwargs: Any) -> Any:
-            if is_dynamo_compiling():  # dynamo compiles a call made outside any trace
-                return original(*args, **kwargs)
-            route = get_route(get_ident())
-            if route is None:
-                return original(*args, **kwargs)
-            return route[0].call(route[1], original, args, kwargs)
 
         def eager(*args: Any, **kwargs: Any) -> Any:
             if get_ident() in routes:
@@ -81,11 +84,37 @@ class Tap:
             assert compiled is not None
             return compiled(*args, **kwargs)
 
+        self.eager = eager
+
+    def _forward(
+        self, original: Callable[..., Any], traced: Callable[..., Any]
+    ) -> Callable[..., Any]:
+        """The tap: `original` for other threads, `traced` (usually `original` too) routed to
+        the tracing thread's Interleaver."""
+        get_route = self.routes.get
+        get_ident = threading.get_ident
+
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            if is_dynamo_compiling():  # dynamo compiles a call made outside any trace
+                return original(*args, **kwargs)
+            route = get_route(get_ident())
+            if route is None:
+                return original(*args, **kwargs)
+            return route[0].call(route[1], traced, args, kwargs)
+
         functools.update_wrapper(forward, original)  # generate() inspects its signature
         forward.__mediator_tap__ = self  # type: ignore[attr-defined]
-        self.routes = routes
-        self.forward = forward
-        self.eager = eager
+        return forward
+
+    def trace_with(self, traced: Callable[..., Any]) -> None:
+        """From now on, tracing threads run `traced` instead of the module's forward (a
+        rewritten forward, `_operations.py`); other threads still run the module's own. A tap
+        installed right now is swapped at once (a trace may be running)."""
+        with _LOCK:
+            old = self.forward
+            self.forward = self._forward(self.original, traced)
+            if self.attributes.get("forward") is old:
+                self.attributes["forward"] = self.forward
 
     def route_compiled(self) -> None:
         """The module is compiled in place: route its compiled call too (see the docstring)."""

@@ -4,13 +4,19 @@
 trace never reaches into the Model itself. Site numbers index `paths` and `taps`; a module
 registered under several names is one site (its first path); `dims` says where each site's
 values hold the batch (`_layouts.py`), decided once here; `renames` holds the aliases of its
-modules (`_renames.py`). The object is not changed after it
-is built, except that a tap replaced behind the library's back is re-made in `taps` (`_tap.py`).
+modules (`_renames.py`). The modules are the first `len(taps)` sites. Later sites are
+operations inside a forward (`envoy.source`, `_operations.py`): `add_site` appends them, under
+`_SITES_LOCK`, when the user first names one, possibly while a trace runs (its Interleaver then
+grows its per-site counts, see `Interleaver.grow`); `sources` holds the rewritten forward of
+each module site that has one. Nothing else changes after the object is built, except that a
+tap replaced behind the library's back is re-made in `taps` (`_tap.py`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, field
+from typing import Any
 
 from torch import nn
 
@@ -19,6 +25,8 @@ from ._layouts import Dims, check_overrides, site_dims
 from ._renames import Renames
 from ._tap import Tap
 
+_SITES_LOCK = threading.Lock()
+
 
 @dataclass(frozen=True, eq=False)
 class Traced:
@@ -26,12 +34,13 @@ class Traced:
 
     module: nn.Module
     paths: list[str]  # site -> path ("" for the root)
-    taps: list[Tap]  # site -> its tap
+    taps: list[Tap]  # module site -> its tap
     sites: dict[int, int]  # id(module) -> site
     batcher: Batcher
     pin_threads: bool
     dims: tuple[list[Dims], list[Dims]]  # INPUT/OUTPUT -> site -> where its values' rows are
     renames: Renames  # the aliases of its modules (`Model(net, rename=...)`)
+    sources: dict[int, Any] = field(default_factory=dict)  # module site -> its `.source`
 
     @classmethod
     def of(
@@ -62,3 +71,12 @@ class Traced:
         """The path of the site at `path` (which may use aliases), if there is one."""
         site = self.site_at(path)
         return None if site is None else self.paths[site]
+
+    def add_site(self, path: str) -> int:
+        """A new site (an operation inside a forward) at `path`; its values hold the batch
+        where the default rule says. Returns its number."""
+        with _SITES_LOCK:
+            self.dims[0].append(None)
+            self.dims[1].append(None)
+            self.paths.append(path)
+            return len(self.paths) - 1

@@ -26,6 +26,7 @@ from ._barrier import Barrier
 from ._batcher import Inputs
 from ._cache import Cache
 from ._callsite import user_line, user_traceback
+from ._edits import edit_invoke
 from ._errors import ShapeError, UsageError
 from ._frames import BodySkipper, check_unbinding, read_names, write_names
 from ._future import InvokeFuture
@@ -359,7 +360,7 @@ class Tracer:
             cache.inputs["layers.1"][0]             # (args, kwargs) of layers.1's first call
         """
         traced = self._traced
-        paths = dict(enumerate(traced.paths))
+        paths = dict(enumerate(traced.paths[: len(traced.taps)]))  # modules, not operations
         if modules is not None:
             if isinstance(modules, str) or not isinstance(modules, (list, tuple, set)):
                 modules = [modules]
@@ -430,6 +431,10 @@ class Tracer:
             for invoke in invokes
         ]
         lines = [invoke.line for invoke in invokes]
+        edits = self.model._edits
+        if edits:  # the model's edits run first, as an invoke of their own
+            specs.insert(0, edit_invoke(edits))
+            lines.insert(0, None)
         for invoke in invokes:
             invoke.scope = {}
             invoke.function = invoke.future = None

@@ -247,6 +247,15 @@ class Waits:
             )
         return self._unbound(waiting.target)
 
+    def grow(self) -> None:
+        """Count the sites added to the model since this trace began (operations inside a
+        forward, named by a body through `.source`). Called by the baton holder."""
+        missing = len(self.paths) - len(self.started)
+        if missing > 0:
+            self.started.extend([0] * missing)
+            self.watch[0].extend([0] * missing)
+            self.watch[1].extend([0] * missing)
+
     def never(self, key: Key) -> str:
         """Why boundary `key` never came, for messages."""
         site, _, call = key

@@ -20,10 +20,18 @@ import pytest
 
 import mediator
 from mediator._cache import Cache
+from mediator._edits import Editor
+from mediator._operation_envoy import OperationEnvoy, SourceEnvoy
 from mediator._steps import Steps
 
 EXEMPT = {"models"}  # the module of built-in models: its public names are collected below
-RETURNED = (Cache, Steps)  # public classes reached through the API rather than by name
+RETURNED = (
+    Cache,
+    Steps,
+    SourceEnvoy,
+    OperationEnvoy,
+    Editor,
+)  # public classes reached through the API rather than by name
 CALLED_DUNDERS = {"__getitem__", "__call__"}  # documented where a public class defines them
 UNDOCUMENTED_DUNDERS: set[str] = set()
 
@@ -32,6 +40,15 @@ def _own_doc(value: Any) -> str | None:
     """The object's own docstring (`inspect.getdoc` would inherit a base class's)."""
     doc = value.fget.__doc__ if isinstance(value, property) else value.__doc__
     return doc if isinstance(doc, str) else None
+
+
+def _members(cls: type) -> dict[str, Any]:
+    """What `cls` defines, with what it inherits from the package's own (private) bases."""
+    members: dict[str, Any] = {}
+    for base in reversed(cls.__mro__):
+        if base is cls or base.__module__.startswith("mediator."):
+            members.update(vars(base))
+    return members
 
 
 def _public_objects() -> dict[str, Any]:
@@ -52,7 +69,7 @@ def _public_objects() -> dict[str, Any]:
         if inspect.isclass(obj):
             classes.append(obj)
     for cls in classes:
-        for attr, value in vars(cls).items():
+        for attr, value in _members(cls).items():
             qualified = f"{cls.__name__}.{attr}"
             if attr.startswith("_") and (
                 attr not in CALLED_DUNDERS or qualified in UNDOCUMENTED_DUNDERS

@@ -96,6 +96,15 @@ def test_train_induction_writes_a_loadable_file(tmp_path: Path) -> None:
     assert torch.load(out, weights_only=True)["training"]["steps"] == 3
 
 
+def test_attention_heads() -> None:
+    pytest.importorskip("transformers")
+    out = run("attention_heads.py")
+    assert "same as output_attentions=True: yes" in out
+    assert "same as a hand-patched forward: yes" in out
+    assert "as a persistent edit: yes" in out
+    assert "# attention_interface_0" in out and "# o_proj_0" in out
+
+
 def test_every_example_is_tested() -> None:
     tested = {
         "quickstart.py",
@@ -104,5 +113,6 @@ def test_every_example_is_tested() -> None:
         "logit_lens.py",
         "gradients.py",
         "train_induction.py",
+        "attention_heads.py",
     }
     assert {path.name for path in EXAMPLES.glob("*.py")} == tested
