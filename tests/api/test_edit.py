@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 import mediator
-from tests.conftest import tiny_llama
+from conftest import tiny_llama
 
 FACTOR = 3.0
 

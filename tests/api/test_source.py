@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 import mediator
-from tests.conftest import patched_forwards, tiny_llama
+from conftest import patched_forwards, tiny_llama
 
 SCALE = 2.0
 
