@@ -8,10 +8,10 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import tiny_llama
 from torch import nn
 
 import mediator
-from conftest import tiny_llama
 
 FACTOR = 3.0
 

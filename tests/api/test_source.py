@@ -9,10 +9,10 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import patched_forwards, tiny_llama
 from torch import nn
 
 import mediator
-from conftest import patched_forwards, tiny_llama
 
 SCALE = 2.0
 
