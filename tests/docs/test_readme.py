@@ -23,7 +23,7 @@ def _namespace(block: str, folder: Path) -> dict[str, Any]:
         tiny_llama(0).save_pretrained(folder)
         word_tokenizer().save_pretrained(folder)
         return {"path": str(folder), "steer": torch.randn(32)}
-    if "generate(" in block:
+    if "generate(" in block or ".source" in block:
         net = mediator.models.TinyLM().eval()
         return {
             "model": mediator.Model(net),
@@ -72,6 +72,22 @@ def test_readme_block_runs(index: int, tmp_path: Path) -> None:
             expected = oracle(ids).logits[:, -1]
         torch.testing.assert_close(result["last"], expected)
         assert result["shape"] == result["h"].shape  # scan: the shapes a real trace gives
+    if "softmax_0" in block:  # against a hook on the module the pattern passes through
+        net = result["model"]._module
+        seen: list[torch.Tensor] = []
+        pattern = net.layers[0].attn.pattern
+        handle = pattern.register_forward_hook(lambda m, a, out: seen.append(out))
+        with torch.no_grad():
+            plain = net(result["input_ids"])
+        handle.remove()
+        torch.testing.assert_close(result["weights"], seen[0])
+        assert not torch.allclose(result["logits"], plain)  # the ablation changed the output
+        zero_layer = net.layers[1].register_forward_hook(lambda m, a, out: torch.zeros_like(out))
+        with torch.no_grad():
+            expected = net(result["input_ids"])
+        zero_layer.remove()
+        assert not result["zeroed"].any()
+        torch.testing.assert_close(result["edited_logits"], expected)
     if "cache = tr.cache" in block:
         assert result["h"].grad is not None
         assert len(result["cache"]["layers.0"]) == 1
