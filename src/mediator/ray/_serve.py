@@ -35,8 +35,8 @@ class ModelServer:
     ) -> None:
         self.model = as_model(load_model())
         self.grad = grad
-        self.run_together.set_max_batch_size(max_batch_size)  # type: ignore[attr-defined]
-        self.run_together.set_batch_wait_timeout_s(batch_wait_timeout_s)  # type: ignore[attr-defined]
+        self.run_together.set_max_batch_size(max_batch_size)
+        self.run_together.set_batch_wait_timeout_s(batch_wait_timeout_s)
 
     async def __call__(self, fn: Experiment, item: Any = None) -> Any:
         if not callable(fn):  # an HTTP request (a starlette Request) or a wrong call
@@ -50,7 +50,7 @@ class ModelServer:
             raise result.error
         return result
 
-    @serve.batch
+    @serve.batch  # type: ignore[untyped-decorator]  # Ray is untyped here
     async def run_together(self, calls: list[Call]) -> list[Any]:
         """The requests that arrived together, as the invokes of one trace."""
         return await asyncio.to_thread(run_chunk, self.model, calls, 0, self.grad)

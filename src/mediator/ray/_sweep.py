@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import collections
 import itertools
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sized
 from dataclasses import dataclass
 from typing import Any
 
@@ -107,8 +107,8 @@ def sweep(
         ray.init()
     options = dict(resources or {"num_cpus": 1})
     count = workers if workers is not None else default_workers(options)
-    actor_class = ray.remote(Worker).options(**options)  # type: ignore[attr-defined]
-    total = len(items) if hasattr(items, "__len__") else None
+    actor_class = ray.remote(Worker).options(**options)
+    total = len(items) if isinstance(items, Sized) else None
     chunks = _chunks(items, invokes_per_trace)
     return _drive(
         lambda: actor_class.remote(load_model, experiment, grad),
