@@ -33,7 +33,10 @@ clean, corrupt, _ = induction_prompts(
 )
 positions = clean.shape[1]
 # one item per prompt: [clean, corrupt, corrupt patched at 0, ..., corrupt patched at last]
-items = [torch.cat([c[None], d[None].expand(1 + positions, -1)]) for c, d in zip(clean, corrupt)]
+items = [
+    torch.cat([c[None], d[None].expand(1 + positions, -1)])
+    for c, d in zip(clean, corrupt, strict=True)
+]
 
 
 def restored_by_position(model, rows):
@@ -73,7 +76,10 @@ mean = torch.stack(swept).mean(0)
 labels = ["BOS"] + [f"r{i}" for i in range(1, LENGTH + 1)] + [f"r{i}" for i in range(1, CUT + 1)]
 labels[CUT] = f"r{CUT}*"
 print(f"{len(items)} prompts; share of the answer's logit restored by patching layer 0's output:")
-print("  " + "  ".join(f"{label}:{value:.2f}" for label, value in zip(labels, mean.tolist())))
+print(
+    "  "
+    + "  ".join(f"{label}:{value:.2f}" for label, value in zip(labels, mean.tolist(), strict=True))
+)
 best = int(mean.argmax())
 print(f"strongest: position {best} ({labels[best]}), {mean[best]:.2f}")
 print(f"local loop {local_seconds:.1f} s, Ray sweep {ray_seconds:.1f} s (with worker start-up)")
