@@ -184,21 +184,22 @@ def test_a_trace_that_fails_as_a_whole_runs_its_items_alone(swept: Swept) -> Non
         torch.testing.assert_close(got[1], want[1], rtol=1e-5, atol=1e-5)
 
 
-def test_raise_errors_raises_in_item_order() -> None:
+def test_raise_errors_raises_in_item_order(capsys: pytest.CaptureFixture[str]) -> None:
     def fails_on_two(model: mediator.Model, ids: torch.Tensor) -> torch.Tensor:
         if index_of(ids) == 2:
             raise IndexError("no position 99 in item 2")
         return model.output[:, -1]
 
-    results = sweep(
-        load_induction, fails_on_two, prompts(6), workers=1, raise_errors=True, progress=False
-    )
-    assert index_of(prompts(6)[0]) == 0
-    torch.testing.assert_close(next(results), solo(fails_on_two, prompts(1))[0])
-    next(results)
+    items = prompts(6)
+    results = sweep(load_induction, fails_on_two, items, workers=1, raise_errors=True)
+    for want in solo(fails_on_two, items[:2]):
+        torch.testing.assert_close(next(results), want)
     with pytest.raises(SweepError, match=r"item 2: IndexError: no position 99") as raised:
         next(results)
     assert isinstance(raised.value.__cause__, IndexError)
+    assert next(results, None) is None  # the sweep ended there
+    pytest.importorskip("tqdm")
+    assert "sweep: 100%" in capsys.readouterr().err  # the progress bar counted all 6 items
 
 
 def test_load_model_that_raises_says_so() -> None:

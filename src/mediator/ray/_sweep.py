@@ -106,9 +106,11 @@ def sweep(
     if not ray.is_initialized():
         ray.init()
     options = dict(resources or {"num_cpus": 1})
-    count = workers if workers is not None else default_workers(options)
-    actor_class = ray.remote(Worker).options(**options)
     total = len(items) if isinstance(items, Sized) else None
+    count = workers if workers is not None else default_workers(options)
+    if total is not None:  # no idle workers
+        count = max(1, min(count, -(-total // invokes_per_trace)))
+    actor_class = ray.remote(Worker).options(**options)
     chunks = _chunks(items, invokes_per_trace)
     return _drive(
         lambda: actor_class.remote(load_model, experiment, grad),
