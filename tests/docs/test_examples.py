@@ -96,6 +96,13 @@ def test_train_induction_writes_a_loadable_file(tmp_path: Path) -> None:
     assert torch.load(out, weights_only=True)["training"]["steps"] == 3
 
 
+def test_sweep_on_ray() -> None:
+    pytest.importorskip("ray")
+    out = run("sweep_on_ray.py", "--prompts", "32")
+    assert "same as the local loop: yes" in out
+    assert "strongest: position 7 (r7), 1.00" in out  # where the previous-token head wrote
+
+
 def test_every_example_is_tested() -> None:
     tested = {
         "quickstart.py",
@@ -104,5 +111,6 @@ def test_every_example_is_tested() -> None:
         "logit_lens.py",
         "gradients.py",
         "train_induction.py",
+        "sweep_on_ray.py",
     }
     assert {path.name for path in EXAMPLES.glob("*.py")} == tested
