@@ -228,7 +228,7 @@ def test_serving_co_batches_concurrent_clients(tmp_path: Path) -> None:
         thread.join()
     for got, want in zip(answers, solo(zero_position, items), strict=True):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-    assert _lines(log) < 16
+    assert _lines(log) < 16, _lines(log)
 
     def fails(model: mediator.Model, ids: torch.Tensor) -> None:
         raise KeyError("only mine")

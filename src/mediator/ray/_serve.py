@@ -110,9 +110,9 @@ class Client:
     def __init__(self, handle: Any) -> None:
         self.handle = handle
 
-    def submit(self, fn: Experiment, item: Any = None) -> Any:
+    def submit(self, fn: Experiment, item: Any) -> Any:
         """Send the request now; the response's `.result()` waits for the answer."""
         return self.handle.remote(fn, item)
 
-    def __call__(self, fn: Experiment, item: Any = None) -> Any:
+    def __call__(self, fn: Experiment, item: Any) -> Any:
         return self.submit(fn, item).result()
