@@ -184,6 +184,23 @@ def test_a_trace_that_fails_as_a_whole_runs_its_items_alone(swept: Swept) -> Non
         torch.testing.assert_close(got[1], want[1], rtol=1e-5, atol=1e-5)
 
 
+def test_an_item_that_always_kills_its_worker_takes_no_other_item_with_it() -> None:
+    def kills_on_one(model: mediator.Model, ids: torch.Tensor) -> torch.Tensor:
+        if index_of(ids) == 1:
+            os._exit(1)
+        return model.output[:, -1]
+
+    items = prompts(3)
+    swept = sweep(
+        load_induction, kills_on_one, iter(items), 2, workers=1, retries=1, progress=False
+    )
+    first, lost, last = swept  # chunk [0, 1] dies; its last try runs 0 and 1 alone; then [2]
+    torch.testing.assert_close(first, solo(kills_on_one, items[:1])[0])
+    assert isinstance(lost, SweepError) and lost.index == 1
+    assert isinstance(lost.error, ray.exceptions.RayActorError)
+    torch.testing.assert_close(last, solo(kills_on_one, items[2:])[0])
+
+
 def test_raise_errors_raises_in_item_order(capsys: pytest.CaptureFixture[str]) -> None:
     def fails_on_two(model: mediator.Model, ids: torch.Tensor) -> torch.Tensor:
         if index_of(ids) == 2:

@@ -42,7 +42,6 @@ class Worker:
 class Chunk:
     """Items `first .. first + len(items) - 1` of the sweep, and how often a worker died on it."""
 
-    number: int
     first: int
     items: list[Any]
     attempts: int = 0
@@ -74,9 +73,10 @@ def sweep(
     - An experiment that raises: that item's result is a `SweepError` (its index, the exception,
       the traceback text); the other items go on. `raise_errors=True` raises that `SweepError`
       instead, when its turn comes.
-    - A worker process that dies: its chunks run again on a new worker, up to `retries` times
-      each, so no result is lost or given twice; after that, their items' results are
-      `SweepError`s holding Ray's error.
+    - A worker process that dies (a crash, a lost node): its chunks run again on a new worker,
+      up to `retries` times each, so no result is lost or given twice; the last try runs their
+      items one by one, so an item that kills every worker it runs on ends as a `SweepError`
+      holding Ray's error, and the items it shared a chunk with still get their results.
     - `workers` actors (default: as many as the cluster's CPUs, or GPUs, fit), each with
       `resources` as Ray actor options (default `{"num_cpus": 1}`; e.g. `{"num_gpus": 1}`; then
       `load_model` should move the model to `"cuda"`).
@@ -136,11 +136,11 @@ def default_workers(options: dict[str, Any]) -> int:
 
 def _chunks(items: Iterable[Any], size: int) -> Iterator[Chunk]:
     iterator = iter(items)
-    for number in itertools.count():
+    for first in itertools.count(0, size):
         batch = list(itertools.islice(iterator, size))
         if not batch:
             return
-        yield Chunk(number, number * size, batch)
+        yield Chunk(first, batch)
 
 
 def _drive(
@@ -158,8 +158,8 @@ def _drive(
     actors = [new_actor() for _ in range(count)]
     in_flight: dict[Any, tuple[Any, Chunk]] = {}  # result ref -> (actor, chunk)
     retry: collections.deque[Chunk] = collections.deque()
-    finished: dict[int, list[Any]] = {}
-    next_chunk = 0
+    finished: dict[int, list[Any]] = {}  # first item's index -> results
+    next_item = 0
     try:
         while True:
             _fill(actors, in_flight, retry, chunks)
@@ -170,15 +170,16 @@ def _drive(
             results = _collect(ready, actor, chunk, actors, new_actor, retry, retries)
             if results is None:
                 continue
-            finished[chunk.number] = results
+            finished[chunk.first] = results
             if bar is not None:
                 bar.update(len(results))
-            while next_chunk in finished:
-                for result in finished.pop(next_chunk):
+            while next_item in finished:
+                done = finished.pop(next_item)
+                for result in done:
                     if raise_errors and isinstance(result, SweepError):
                         raise result from result.error
                     yield result
-                next_chunk += 1
+                next_item += len(done)
     finally:
         if bar is not None:
             bar.close()
@@ -213,7 +214,8 @@ def _collect(
     retries: int,
 ) -> list[Any] | None:
     """The chunk's results; or None when its worker died and the chunk is queued again (on a new
-    worker that replaces the dead one)."""
+    worker that replaces the dead one): whole, except on its last try, when each item goes alone,
+    so that an item that kills its worker takes no other item with it."""
     try:
         results: list[Any] = ray.get(ready)
         return results
@@ -226,7 +228,13 @@ def _collect(
             actors[actors.index(actor)] = new_actor()
         if chunk.attempts < retries:
             chunk.attempts += 1
-            retry.append(chunk)
+            if chunk.attempts < retries or len(chunk.items) == 1:
+                retry.append(chunk)
+            else:
+                retry.extend(
+                    Chunk(chunk.first + offset, [item], chunk.attempts)
+                    for offset, item in enumerate(chunk.items)
+                )
             return None
         return [
             SweepError(chunk.first + offset, error, f"the worker died {retries + 1} times")
