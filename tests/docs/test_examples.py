@@ -105,6 +105,13 @@ def test_attention_heads() -> None:
     assert "# attention_interface_0" in out and "# o_proj_0" in out
 
 
+def test_sweep_on_ray() -> None:
+    pytest.importorskip("ray")
+    out = run("sweep_on_ray.py", "--prompts", "32")
+    assert "same as the local loop: yes" in out
+    assert "strongest: position 7 (r7), 1.00" in out  # where the previous-token head wrote
+
+
 def test_every_example_is_tested() -> None:
     tested = {
         "quickstart.py",
@@ -114,5 +121,6 @@ def test_every_example_is_tested() -> None:
         "gradients.py",
         "train_induction.py",
         "attention_heads.py",
+        "sweep_on_ray.py",
     }
     assert {path.name for path in EXAMPLES.glob("*.py")} == tested
