@@ -19,6 +19,10 @@ BLOCKS = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
 
 def _namespace(block: str, folder: Path) -> dict[str, Any]:
     torch.manual_seed(0)
+    if "mediator.ray" in block:  # prompts of the induction model; needs the ray extra
+        pytest.importorskip("ray")
+        clean, _, _ = mediator.models.induction_prompts(6, 10, 6)
+        return {"prompts": list(clean[:, None])}
     if "LanguageModel(" in block:  # a tiny Llama and a word tokenizer saved to `folder`
         tiny_llama(0).save_pretrained(folder)
         word_tokenizer().save_pretrained(folder)
@@ -54,7 +58,8 @@ def test_readme_block_runs(index: int, tmp_path: Path) -> None:
     block = BLOCKS[index]
     script = tmp_path / f"readme_block_{index}.py"  # a file: with-bodies are read from source
     script.write_text(block)
-    result = runpy.run_path(str(script), init_globals=_namespace(block, tmp_path / "model"))
+    namespace = _namespace(block, tmp_path / "model")
+    result = runpy.run_path(str(script), init_globals=namespace, run_name="__main__")
     if "tokens = tr.result" in block:
         assert result["tokens"].shape == (1, 10)
         assert result["stacked"].shape[0] == 1
@@ -88,6 +93,13 @@ def test_readme_block_runs(index: int, tmp_path: Path) -> None:
         zero_layer.remove()
         assert not result["zeroed"].any()
         torch.testing.assert_close(result["edited_logits"], expected)
+    if "mediator.ray" in block:
+        import ray
+
+        ray.shutdown()
+        assert len(result["swept"]) == len(result["local"]) == 6
+        for swept, local in zip(result["swept"], result["local"], strict=True):
+            assert torch.equal(swept, local)
     if "cache = tr.cache" in block:
         assert result["h"].grad is not None
         assert len(result["cache"]["layers.0"]) == 1
