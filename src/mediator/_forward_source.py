@@ -7,11 +7,12 @@ copy of the function in which call `i`, `f(*a, **k)`, runs `wrappers[i](f, *a, *
 called expression and the arguments are evaluated as before, in the same order. The copy is
 compiled with the function's own file name and line numbers (tracebacks show the real source),
 runs with its globals, defaults and closure cells (shared with the original, not copied), and
-has its name; a method is compiled inside a class of its class's name, so its private names
-are mangled as they were. Decorated functions are rewritten at their innermost `__wrapped__` function, and
-`rewrap` rebuilds each decorator's wrapper around the copy where it holds the wrapped function
-in a closure cell (as `functools.wraps` decorators do). What cannot be rewritten (no source, a
-lambda, a builtin, a source that does not define the function) raises `SourceUnavailableError`.
+has its name; a method is compiled inside a class of its class's name, so that its private
+names are mangled as they were. Decorated functions are rewritten at their innermost
+`__wrapped__` function, and `rewrap` rebuilds each decorator's wrapper around the copy where it
+holds the wrapped function in a closure cell (as `functools.wraps` decorators do). What cannot
+be rewritten (no source, a lambda, a builtin, a source that does not define the function)
+raises `SourceUnavailableError`.
 
 This module owns one cache, `_rewrites`: the parsed and compiled rewrite per code object.
 """
