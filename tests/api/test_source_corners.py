@@ -55,3 +55,17 @@ def test_misspelt_nested_operation_fails_only_its_own_trace() -> None:
     torch.testing.assert_close(weights, expected)
     with pytest.raises(AttributeError, match="softmax_0"):  # now known: an error at once
         inner.softmx_0  # noqa: B018
+
+
+def test_first_source_after_reading_the_module_input() -> None:
+    """`.source` used for the first time after the body read the module's own input: the
+    forward has not run yet, so its operations are reached in this very call."""
+    net = tiny_llama(2, attn_implementation="eager")
+    model = mediator.Model(net)
+    attention = model.model.layers[0].self_attn
+    ids = torch.randint(0, 100, (1, 5))
+    with torch.no_grad(), model.trace(ids):
+        hidden = attention.inputs[1]["hidden_states"]
+        query = attention.source.q_proj_0.output
+    with torch.no_grad():
+        torch.testing.assert_close(query, net.model.layers[0].self_attn.q_proj(hidden))
