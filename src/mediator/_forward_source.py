@@ -7,10 +7,12 @@ copy of the function in which call `i`, `f(*a, **k)`, runs `wrappers[i](f, *a, *
 called expression and the arguments are evaluated as before, in the same order. The copy is
 compiled with the function's own file name and line numbers (tracebacks show the real source),
 runs with its globals, defaults and closure cells (shared with the original, not copied), and
-has its name. Decorated functions are rewritten at their innermost `__wrapped__` function, and
-`rewrap` rebuilds each decorator's wrapper around the copy where it holds the wrapped function
-in a closure cell (as `functools.wraps` decorators do). What cannot be rewritten (no source, a
-lambda, a builtin, a source that does not define the function) raises `SourceUnavailableError`.
+has its name; a method is compiled inside a class of its class's name, so that its private
+names are mangled as they were. Decorated functions are rewritten at their innermost
+`__wrapped__` function, and `rewrap` rebuilds each decorator's wrapper around the copy where it
+holds the wrapped function in a closure cell (as `functools.wraps` decorators do). What cannot
+be rewritten (no source, a lambda, a builtin, a source that does not define the function)
+raises `SourceUnavailableError`.
 
 This module owns one cache, `_rewrites`: the parsed and compiled rewrite per code object.
 """
@@ -20,6 +22,7 @@ import __future__
 
 import ast
 import inspect
+import sys
 import types
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -249,16 +252,42 @@ def _compile(definition: ast.FunctionDef, function: types.FunctionType) -> types
             kw_defaults=[],
             defaults=[],
         ),
-        body=[definition, ast.Return(ast.Name(definition.name, ast.Load()))],
+        body=[_in_its_class(definition, function), ast.Pass()],
         decorator_list=[],
     )
     ast.copy_location(factory, definition)
     module = ast.fix_missing_locations(ast.Module([factory], type_ignores=[]))
     flags = function.__code__.co_flags & __future__.annotations.compiler_flag
     code = compile(module, function.__code__.co_filename, "exec", flags=flags, dont_inherit=True)
-    factory_code = next(c for c in code.co_consts if isinstance(c, types.CodeType))
-    return next(
-        c
-        for c in factory_code.co_consts
-        if isinstance(c, types.CodeType) and c.co_name == definition.name
-    )
+    return _function_code(code, function, definition.name)
+
+
+def _in_its_class(definition: ast.FunctionDef, function: types.FunctionType) -> ast.stmt:
+    """`definition`, inside a class named as the one it was defined in (if any), so that the
+    compiler mangles its private names (`self.__x` -> `self._Class__x`) as it did there."""
+    owner = _owner_class(function)
+    if owner is None:
+        return definition
+    holder = ast.ClassDef(name=owner, bases=[], keywords=[], body=[definition], decorator_list=[])
+    if sys.version_info >= (3, 12):
+        holder.type_params = []
+    return ast.copy_location(holder, definition)
+
+
+def _owner_class(function: types.FunctionType) -> str | None:
+    """The name of the class `function` was defined in, from its qualified name."""
+    parts = function.__qualname__.split(".")
+    if len(parts) < 2 or parts[-2] == "<locals>":
+        return None
+    return parts[-2]
+
+
+def _function_code(code: types.CodeType, function: types.FunctionType, name: str) -> types.CodeType:
+    """The code of the function `name` that `_compile` compiled into `code` (a module)."""
+    scope = next(c for c in code.co_consts if isinstance(c, types.CodeType))  # the factory
+    owner = _owner_class(function)
+    if owner is not None:  # the class that holds it
+        scope = next(
+            c for c in scope.co_consts if isinstance(c, types.CodeType) and c.co_name == owner
+        )
+    return next(c for c in scope.co_consts if isinstance(c, types.CodeType) and c.co_name == name)

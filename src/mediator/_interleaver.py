@@ -199,6 +199,7 @@ class Interleaver(Waits):
         self.due: dict[Key, list[Mediator]] = {}  # who has a request or op at each boundary
         self.plan: list[Mediator] = []  # who runs next at this point, the next one last
         self.handoffs = 0  # queue puts and worker launches: the cost model, counted
+        self.rewired: dict[int, Callable[..., Any]] = {}  # site -> forward (`Tap.trace_with`)
         self.handoff_lock = threading.Lock()
         self.cancelling = False  # under handoff_lock: no mediator advances the plan any more
         self.abandoned = False  # under handoff_lock: the mediators carry the cancellation on
@@ -229,6 +230,7 @@ class Interleaver(Waits):
             if watch_inputs[site]:
                 boundary = self._serve((site, INPUT, call), (args, kwargs))
                 args, kwargs = boundary.merged()
+                original = self.rewired.get(site, original) if self.rewired else original
                 if boundary.skips:
                     skip = boundary
             if skip is None:

@@ -108,8 +108,8 @@ class FunctionSource:
         if isinstance(plain, nn.Module):
             raise UsageError(_module_message(self.label, plain))
         rewrite, copy = self.rewritten(plain)
-        self._check_named(rewrite)
         self.rewrite = self.rewrite or rewrite
+        self._check_named(rewrite)
         made = copy if bound is None else types.MethodType(copy, bound)
         if len(self._copies) > 64:
             self._copies.clear()
@@ -118,7 +118,9 @@ class FunctionSource:
 
     def _check_named(self, rewrite: Rewrite) -> None:
         missing = sorted(set(self.operations) - set(rewrite.names()))
-        if missing:
+        if missing:  # forgotten: a misspelt name fails this trace only, not every later one
+            for name in missing:
+                del self.operations[name]
             raise UsageError(
                 f"{self.label} called {rewrite.function.__qualname__}, which makes no call "
                 f"named {', '.join(missing)}; its calls: {', '.join(rewrite.names()) or 'none'}"

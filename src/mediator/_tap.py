@@ -109,12 +109,15 @@ class Tap:
     def trace_with(self, traced: Callable[..., Any]) -> None:
         """From now on, tracing threads run `traced` instead of the module's forward (a
         rewritten forward, `_operations.py`); other threads still run the module's own. A tap
-        installed right now is swapped at once (a trace may be running)."""
+        installed right now is swapped at once (a trace may be running), and a call of the
+        module whose input a body waits at right now runs `traced` too."""
         with _LOCK:
             old = self.forward
             self.forward = self._forward(self.original, traced)
             if self.attributes.get("forward") is old:
                 self.attributes["forward"] = self.forward
+            for interleaver, site in self.routes.values():
+                interleaver.rewired[site] = traced
 
     def route_compiled(self) -> None:
         """The module is compiled in place: route its compiled call too (see the docstring)."""
