@@ -42,6 +42,7 @@ TOLERANCE = 1e-3  # on logit differences of about 10: batched and solo matmuls r
 
 
 Cell = tuple[int, int]  # (layer, position)
+Prompts = tuple[torch.Tensor, torch.Tensor]  # (clean, corrupted) token ids, [1, positions]
 
 
 @dataclass
@@ -115,7 +116,7 @@ def patched(
 
 def patch_sweep(
     lm: Loaded,
-    prompts: tuple[torch.Tensor, torch.Tensor],
+    prompts: Prompts,
     cells: list[Cell],
     metric: LogitDifference,
 ) -> dict[Cell, float]:
@@ -155,7 +156,7 @@ def replace_position(clean: torch.Tensor, position: int) -> Any:
 
 def hooked_sweep(
     lm: Loaded,
-    prompts: tuple[torch.Tensor, torch.Tensor],
+    prompts: Prompts,
     cells: list[Cell],
     metric: LogitDifference,
 ) -> dict[Cell, float]:
@@ -187,7 +188,21 @@ def hooked_sweep(
 # --- the run
 
 
-def baselines(lm: Loaded, prompts: tuple[torch.Tensor, torch.Tensor]) -> list[torch.Tensor]:
+def answers(lm: Loaded, prompts: Prompts, metric: LogitDifference) -> tuple[float, float]:
+    """The metric on the clean and on the corrupted prompt, after checking that the model
+    answers them as expected."""
+    clean_logits, corrupt_logits = baselines(lm, prompts)
+    print(f"clean     {CLEAN!r} -> {describe(lm.tokenizer, clean_logits)}")
+    print(f"corrupted {CORRUPT!r} -> {describe(lm.tokenizer, corrupt_logits)}")
+    top = (int(clean_logits[0, -1].argmax()), int(corrupt_logits[0, -1].argmax()))
+    if top != (metric.answer, metric.other):
+        raise SystemExit(f"real_model: the model does not answer {ANSWER!r} and {OTHER!r}")
+    high, low = metric(clean_logits), metric(corrupt_logits)
+    print(f"logit({ANSWER!r}) - logit({OTHER!r}): clean {high:.2f}, corrupted {low:.2f}")
+    return high, low
+
+
+def baselines(lm: Loaded, prompts: Prompts) -> list[torch.Tensor]:
     """The logits of the clean and of the corrupted prompt, two invokes of one trace."""
     with torch.no_grad(), lm.model.trace() as tr:
         futures = [tr.invoke(ids).run(lambda: lm.model.output.logits) for ids in prompts]
@@ -270,6 +285,23 @@ def summarize(restored: torch.Tensor, layers: list[int], labels: list[str]) -> N
     print(f"the answer moves to the last position at layer {moved[0] if moved else '-'}")
 
 
+def timed_sweep(
+    name: str, sweep: Any, lm: Loaded, prompts: Prompts, cells: list[Cell], metric: LogitDifference
+) -> dict[Cell, float]:
+    started = time.perf_counter()
+    results: dict[Cell, float] = sweep(lm, prompts, cells, metric)
+    seconds = time.perf_counter() - started
+    print(f"{name}: {len(cells)} patches in {seconds:.1f} s ({len(cells) / seconds:.1f} a second)")
+    return results
+
+
+def position_labels(tokenizer: Any, prompts: Prompts) -> list[str]:
+    """The clean prompt's tokens, those the corrupted prompt changes marked with a star."""
+    tokens = [tokenizer.decode([token]) for token in prompts[0][0].tolist()]
+    corrupted = (prompts[0] != prompts[1])[0].tolist()
+    return [f"{token}*" if bad else token for token, bad in zip(tokens, corrupted, strict=True)]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Activation patching on SmolLM2-135M.")
     parser.add_argument("--out", default="real_model.png", help="where to save the heatmap")
@@ -291,47 +323,27 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("real_model: the clean and corrupted prompts must have the same length")
     print(f"loaded in {time.perf_counter() - started:.0f} s")
 
-    clean_logits, corrupt_logits = baselines(lm, prompts)
-    print(f"clean     {CLEAN!r} -> {describe(lm.tokenizer, clean_logits)}")
-    print(f"corrupted {CORRUPT!r} -> {describe(lm.tokenizer, corrupt_logits)}")
-    if {int(clean_logits[0, -1].argmax()), int(corrupt_logits[0, -1].argmax())} != {
-        metric.answer,
-        metric.other,
-    }:
-        raise SystemExit(f"real_model: the model does not answer {ANSWER!r} and {OTHER!r}")
-    high, low = metric(clean_logits), metric(corrupt_logits)
-    print(f"logit({ANSWER!r}) - logit({OTHER!r}): clean {high:.2f}, corrupted {low:.2f}")
+    high, low = answers(lm, prompts, metric)
 
     count, positions = len(lm.module_layers), prompts[0].shape[1]
     layers = sorted({*range(0, count, options.layer_step), count - 1})
     cells = [(layer, position) for layer in layers for position in range(positions)]
-    started = time.perf_counter()
-    results = patch_sweep(lm, prompts, cells, metric)
-    sweep_time = time.perf_counter() - started
-    traces = -(-len(cells) // (INVOKES_PER_TRACE - 1))
-    print(
-        f"{len(cells)} patches ({len(layers)} layers x {positions} positions) in {traces} traces:"
-    )
-    print(f"  mediator {sweep_time:.1f} s ({len(cells) / sweep_time:.1f} patches/s)")
-
-    checked_layers = set(spread(layers, options.check_layers))
+    results = timed_sweep("mediator", patch_sweep, lm, prompts, cells, metric)
+    print(f"  ({len(layers)} layers x {positions} positions, {INVOKES_PER_TRACE} invokes a trace)")
+    checked_layers = spread(layers, options.check_layers)
     checked = [cell for cell in cells if cell[0] in checked_layers]
-    started = time.perf_counter()
-    oracle = hooked_sweep(lm, prompts, checked, metric)
-    hook_time = time.perf_counter() - started
-    print(f"  plain hooks {hook_time:.1f} s ({len(checked) / hook_time:.1f} patches/s)")
+    oracle = timed_sweep("plain hooks", hooked_sweep, lm, prompts, checked, metric)
+    print("  (one forward pass each)")
 
     restored = torch.tensor([[results[layer, p] for p in range(positions)] for layer in layers])
     restored = (restored - low) / (high - low)
-    tokens = [lm.tokenizer.decode([token]) for token in prompts[0][0].tolist()]
-    corrupted = (prompts[0] != prompts[1])[0].tolist()
-    labels = [f"{token}*" if bad else token for token, bad in zip(tokens, corrupted, strict=True)]
+    labels = position_labels(lm.tokenizer, prompts)
     summarize(restored, layers, labels)
     difference = max(abs(results[cell] - oracle[cell]) for cell in checked)
     same = difference <= TOLERANCE
     print(
         f"same as plain forward hooks: {'yes' if same else 'NO'} ({len(checked)} patches at "
-        f"layers {sorted(checked_layers)}, max difference {difference:.1e})"
+        f"layers {checked_layers}, max difference {difference:.1e})"
     )
     draw(options.out, restored, layers, labels)
     return 0 if same else 1

@@ -118,7 +118,9 @@ def test_real_model(tmp_path: Path) -> None:
     )
     assert "same as plain forward hooks: yes (18 patches at layers [0, 29]" in out
     assert "city of' -> ' Paris' 0.8" in out and "city of' -> ' Rome' 0.8" in out
-    assert "54 patches (6 layers x 9 positions) in 2 traces" in out
+    assert (
+        "mediator: 54 patches in" in out and "(6 layers x 9 positions, 32 invokes a trace)" in out
+    )
     assert "the subject's tokens (positions 1-3) restore >= 0.5 in layers 0-18 " in out
     assert "the last position ' of' restores >= 0.5 in layers 24-29" in out
     assert "the answer moves to the last position at layer 24" in out
