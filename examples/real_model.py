@@ -47,7 +47,9 @@ Prompts = tuple[torch.Tensor, torch.Tensor]  # (clean, corrupted) token ids, [1,
 
 @dataclass
 class Loaded:
-    """The traced model, the decoder layers as it names them, and the plain module for hooks."""
+    """The traced model, its decoder layers (by their standard name), and the plain module for
+    the hook check. (`mediator.LanguageModel(model_folder(), gguf_file=GGUF_FILE)` alone would
+    load it too, on its first trace; here the module is loaded first to hook it directly.)"""
 
     model: mediator.Model
     layers: Any  # the decoder layers' envoys: `layers[i].output` is the residual stream after i
@@ -77,8 +79,8 @@ def load() -> Loaded:
     folder = model_folder()
     tokenizer = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=GGUF_FILE)
     net = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=GGUF_FILE).eval()
-    model = mediator.Model(net)
-    return Loaded(model, model.model.layers, net.model.layers, net, tokenizer)
+    lm = mediator.LanguageModel(net, tokenizer=tokenizer)  # standard names: lm.layers[i]
+    return Loaded(lm, lm.layers, net.model.layers, net, lm.tokenizer)
 
 
 def token_ids(tokenizer: Any, text: str) -> torch.Tensor:
