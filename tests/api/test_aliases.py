@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import MLP, tiny_gpt2
+from conftest import MLP, WORDS, tiny_gpt2, word_tokenizer
 from torch import nn
 
 import mediator
@@ -353,3 +353,32 @@ def test_a_model_without_renames_has_no_aliases(gpt2: nn.Module) -> None:
     model = mediator.Model(gpt2)
     with pytest.raises(AttributeError, match="has no child or attribute 'layers'"):
         _ = model.layers
+
+
+def _first(value: Any) -> torch.Tensor:
+    return value[0] if isinstance(value, tuple) else value
+
+
+@pytest.mark.parametrize("model_type", sorted(ARCHITECTURES))
+def test_language_model_by_path_traces_text_on_every_architecture(model_type, tmp_path):
+    """`LanguageModel(path)` on each listed architecture, with a word tokenizer: two
+    prompts of different lengths, one invoke each, read through the standard names; each
+    equals its prompt run alone through the model transformers loads from the same folder."""
+    _built(model_type).save_pretrained(tmp_path)
+    oracle = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    prompts = ["w1 w2 w3 w4 w5", "w6 w7"]  # token ids below the tiny vocabulary's 64
+    _, layers_path, _, _, _ = ARCHITECTURES[model_type][1]
+    # the tokenizer passed: AutoTokenizer builds a Qwen2 one from a qwen2 folder's config
+    lm = mediator.LanguageModel(str(tmp_path), tokenizer=word_tokenizer())
+    with torch.no_grad(), lm.trace() as tr:
+        futures = [
+            tr.invoke(prompt).run(lambda: (_first(lm.layers[1].output), lm.output.logits))
+            for prompt in prompts
+        ]
+    reads = [future.result() for future in futures]
+    for prompt, (hidden, logits) in zip(prompts, reads, strict=True):
+        ids = torch.tensor([[WORDS.index(word) for word in prompt.split()]])
+        seen, expected = _hooked(oracle, {"layer": _at(oracle, layers_path)[1]}, ids)
+        length = ids.shape[1]
+        torch.testing.assert_close(hidden[:, -length:], _first(seen["layer"]))
+        torch.testing.assert_close(logits[:, -length:], expected)
