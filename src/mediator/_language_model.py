@@ -76,7 +76,9 @@ class LanguageModel(Model):
     Inputs of `trace`, `invoke`, `generate` and `scan`: a string, a list of strings (one row
     each), token ids (a list of ints, a list of lists, a tensor), or a `BatchEncoding`/dict.
     Rows are left-padded, and each row computes what its prompt computes alone, also next to
-    other invokes. `tr.result` of `generate` is the token ids.
+    other invokes; `generate` also moves the padding of rows padded on the right (a
+    tokenizer's default) to the left. `tr.result` of `generate` is the token ids. A plain
+    call, `lm(...)`, takes the same inputs.
 
     Example:
 
@@ -229,13 +231,17 @@ class LanguageModel(Model):
         return super().generate(*args, **kwargs)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        """A plain call of the model (no interventions), after loading the weights.
+        """A plain call of the model (no interventions but its edits), after loading the
+        weights. It takes what a trace takes: text and token lists are tokenized and padded,
+        each row computing what its prompt computes alone.
 
         Example:
 
-            logits = lm(lm.tokenizer("Hello", return_tensors="pt").input_ids).logits
+            logits = lm(["Hello", "A much longer prompt"]).logits
         """
         self.dispatch()
+        if not self._edits and args and not isinstance(args[0], torch.Tensor):
+            args, kwargs = self._batcher.name_inputs(self._module.forward, args, kwargs)
         return super().__call__(*args, **kwargs)
 
     def scan(self, *args: Any, **kwargs: Any) -> Tracer:

@@ -90,3 +90,39 @@ def test_an_edit_made_before_loading_applies_to_the_weights_loaded_once(path, or
     with torch.no_grad():
         called = edited(ids_of(PROMPTS[0])).logits
     torch.testing.assert_close(called, zeroed_mlp_logits(oracle, PROMPTS[0]))
+
+
+def test_a_plain_call_takes_text_and_gives_each_row_its_solo_logits(path, oracle):
+    lm = mediator.LanguageModel(path)
+    with torch.no_grad():
+        one = lm(PROMPTS[0]).logits
+        rows = lm(PROMPTS).logits  # left-padded to the longest
+        ids = lm(ids_of(PROMPTS[1])).logits  # tensors as before
+        solo = [oracle(ids_of(prompt)).logits[0] for prompt in PROMPTS]
+    torch.testing.assert_close(one[0], solo[0])
+    torch.testing.assert_close(ids[0], solo[1])
+    for row, alone in zip(rows, solo, strict=True):
+        torch.testing.assert_close(row[-len(alone) :], alone)
+    edited = lm.edit().run(lambda: None)  # an edited model's call goes through a trace
+    with torch.no_grad():
+        torch.testing.assert_close(edited(PROMPTS[1]).logits[0], solo[1])
+
+
+def test_generate_from_prompts_padded_on_the_right_gives_their_solo_generations(path, oracle):
+    lm = mediator.LanguageModel(path)
+    tokenizer = word_tokenizer()
+    tokenizer.pad_token, tokenizer.padding_side = "<pad>", "right"  # as GPT-2's tokenizer pads
+    encoding = tokenizer(PROMPTS, padding=True, return_tensors="pt")
+    assert not bool(encoding["attention_mask"][:, -1].all())  # padded on the right
+    greedy = {"max_new_tokens": 3, "do_sample": False}
+    with torch.no_grad(), lm.generate(encoding, **greedy) as tr:
+        pass
+    with torch.no_grad(), lm.generate(**greedy) as tr_invokes:
+        for row in range(len(PROMPTS)):
+            alone = {name: value[row : row + 1] for name, value in encoding.items()}
+            with tr_invokes.invoke(alone):
+                pass
+    for row, prompt in enumerate(PROMPTS):
+        solo = oracle.generate(ids_of(prompt), **greedy)[0]
+        assert torch.equal(tr.result[row, -len(solo) :], solo)
+        assert torch.equal(tr_invokes.result[row, -len(solo) :], solo)
