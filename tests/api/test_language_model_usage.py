@@ -11,6 +11,9 @@ hook where the trace writes), and its greedy `generate`.
 
 from __future__ import annotations
 
+import copy
+import pickle
+
 import pytest
 import torch
 from conftest import WORDS, tiny_llama, word_tokenizer
@@ -126,3 +129,16 @@ def test_generate_from_prompts_padded_on_the_right_gives_their_solo_generations(
         solo = oracle.generate(ids_of(prompt), **greedy)[0]
         assert torch.equal(tr.result[row, -len(solo) :], solo)
         assert torch.equal(tr_invokes.result[row, -len(solo) :], solo)
+
+
+@pytest.mark.parametrize("how", ["copy", "deepcopy", "pickle"])
+def test_copying_or_pickling_a_model_says_what_to_do_instead(path, how):
+    lm = mediator.LanguageModel(path)
+    copier = {
+        "copy": copy.copy,
+        "deepcopy": copy.deepcopy,
+        "pickle": lambda value: pickle.loads(pickle.dumps(value)),
+    }[how]
+    for value in (lm, lm.layers[0], mediator.Model(nn.Linear(2, 2))):
+        with pytest.raises(TypeError, match="cannot be copied or pickled.*instead"):
+            copier(value)
