@@ -123,6 +123,15 @@ class Envoy(Interventions):
         """
         return self._path
 
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        raise TypeError(
+            f"{self._label()} is an Envoy of a mediator Model: it cannot be copied or pickled, "
+            "as it holds the threads and taps of its traces. Copy or save the torch module "
+            "instead (copy.deepcopy(net), net.save_pretrained(...)) and wrap the copy in a new "
+            "mediator.Model or mediator.LanguageModel; for a variant with other interventions, "
+            "use model.edit()"
+        )
+
     def __getattr__(self, name: str) -> Any:
         children = self.__dict__["_children"]
         if name in children:

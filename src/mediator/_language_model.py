@@ -7,9 +7,10 @@ Envoy, also those the user already holds) is pointed at the loaded module. `scan
 a fresh copy of the tree built on fake tensors: shapes and dtypes, no weights, no compute.
 Inputs may be text and token lists (`_tokenized.py`).
 
-State of each LanguageModel: what is still to load (path and `from_pretrained` options; None
-once loaded, or for a module passed in), the lock that makes loading happen once, how to build
-the tree again for a scan, and the renames it will give the modules (`_aliases.py`).
+State of each LanguageModel: its `Loading` (what is still to load, the lock that makes loading
+happen once, and the Models that share the weights: it and the edited copies `edit()` made of
+it), how to build the tree again for a scan, and the renames it gives the modules
+(`_aliases.py`).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import functools
 import os
 import threading
 import types
+import weakref
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from typing import Any
@@ -48,6 +50,17 @@ from ._tracer import Tracer
 TreeBuilder = Callable[[Any], nn.Module]
 
 
+class Loading:
+    """What a LanguageModel and the edited copies made of it share: the path and options still to
+    load (None once loaded, or for a module passed in), the lock that loads them once, and the
+    Models to point at the loaded module."""
+
+    def __init__(self, pending: tuple[str, dict[str, Any]] | None) -> None:
+        self.pending = pending
+        self.lock = threading.Lock()
+        self.models: weakref.WeakSet[LanguageModel] = weakref.WeakSet()
+
+
 class LanguageModel(Model):
     """A causal language model by hub id or path, loaded when first used; or a module you loaded.
 
@@ -63,7 +76,9 @@ class LanguageModel(Model):
     Inputs of `trace`, `invoke`, `generate` and `scan`: a string, a list of strings (one row
     each), token ids (a list of ints, a list of lists, a tensor), or a `BatchEncoding`/dict.
     Rows are left-padded, and each row computes what its prompt computes alone, also next to
-    other invokes. `tr.result` of `generate` is the token ids.
+    other invokes; `generate` also moves the padding of rows padded on the right (a
+    tokenizer's default) to the left. `tr.result` of `generate` is the token ids. A plain
+    call, `lm(...)`, takes the same inputs.
 
     Example:
 
@@ -114,8 +129,9 @@ class LanguageModel(Model):
         renames = {**standard_renames(module), **(rename or {})}
         batcher = _text_batcher(module, tokenizer, missing)
         super().__init__(module, rename=renames, batcher=batcher)
-        object.__setattr__(self, "_pending", pending)
-        object.__setattr__(self, "_loading", threading.Lock())
+        loading = Loading(pending)
+        loading.models.add(self)
+        object.__setattr__(self, "_loading", loading)
         object.__setattr__(self, "_rebuild", rebuild)
         object.__setattr__(self, "_renames", renames)
         if pending is None:
@@ -158,7 +174,7 @@ class LanguageModel(Model):
             lm.dispatch()
             lm.dispatched                   # True
         """
-        return self._pending is None
+        return self._loading.pending is None
 
     def dispatch(self) -> None:
         """Load the weights now (once; later calls do nothing), with the options given to
@@ -169,16 +185,26 @@ class LanguageModel(Model):
             lm = mediator.LanguageModel("path/to/model", device_map="auto")
             lm.dispatch()                   # the weights are loaded here
         """
-        with self._loading:
-            pending = self._pending
-            if pending is None:
+        loading = self._loading
+        with loading.lock:
+            if loading.pending is None:
                 return
-            loaded = load_weights(*pending)
+            loaded = load_weights(*loading.pending)
             traced = self._traced_of(loaded)
-            object.__setattr__(self, "_traced", traced)
-            self._point_at(loaded)
+            models = list(loading.models)  # this one, the one it was copied from, its copies
+            for model in models:  # first all: an Envoy reads its Model's `_traced`
+                object.__setattr__(model, "_traced", traced)
+            for model in models:
+                model._point_at(loaded)
             self._batcher.device = input_device(loaded)
-            object.__setattr__(self, "_pending", None)
+            loading.pending = None
+
+    def _copy(self) -> LanguageModel:
+        """A Model of the same module for `edit()`, which loads the weights with this one."""
+        copy = super()._copy()
+        assert isinstance(copy, LanguageModel)
+        self._loading.models.add(copy)
+        return copy
 
     def trace(self, *args: Any, **kwargs: Any) -> Tracer:
         """`Model.trace`, after loading the weights if they are not loaded yet.
@@ -205,13 +231,17 @@ class LanguageModel(Model):
         return super().generate(*args, **kwargs)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        """A plain call of the model (no interventions), after loading the weights.
+        """A plain call of the model (no interventions but its edits), after loading the
+        weights. It takes what a trace takes: text and token lists are tokenized and padded,
+        each row computing what its prompt computes alone.
 
         Example:
 
-            logits = lm(lm.tokenizer("Hello", return_tensors="pt").input_ids).logits
+            logits = lm(["Hello", "A much longer prompt"]).logits
         """
         self.dispatch()
+        if not self._edits and args and not isinstance(args[0], torch.Tensor):
+            args, kwargs = self._batcher.name_inputs(self._module.forward, args, kwargs)
         return super().__call__(*args, **kwargs)
 
     def scan(self, *args: Any, **kwargs: Any) -> Tracer:

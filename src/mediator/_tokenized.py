@@ -7,7 +7,9 @@ it becomes `input_ids` and `attention_mask`, rows of different lengths left-padd
 different invokes are (`_lm_inputs.pad`), on the device of the model's token embeddings
 (`device`; tensors the user passes stay where they are). For a forward pass, rows with padding
 also get the position ids they have alone, so that every row computes what its prompt computes
-unpadded; `generate` numbers positions over the mask itself. State: each batcher's tokenizer
+unpadded; `generate` numbers positions over the mask itself, and gets rows padded on the right
+(a tokenizer's default) padded on the left, since it continues each row after its last position.
+State: each batcher's tokenizer
 (or why there is none) and input device, which its `LanguageModel` sets.
 """
 
@@ -84,7 +86,9 @@ class TextBatcher(CausalLMBatcher):
             args = args[1:] if tokens is None else (tokens, *args[1:])
             kwargs = {**encoded, **kwargs}
         args, kwargs = super().name_inputs(call, args, kwargs)
-        if self.position_ids and getattr(call, "__name__", None) != "generate":
+        if getattr(call, "__name__", None) == "generate":
+            return _padded_on_the_left(args, kwargs)
+        if self.position_ids:
             kwargs = _with_solo_positions(kwargs)
         return args, kwargs
 
@@ -159,6 +163,25 @@ def _is_row(value: Any) -> bool:
     if isinstance(value, torch.Tensor):
         return value.dim() <= 1 and not value.is_floating_point()
     return isinstance(value, (list, tuple)) and all(_is_token(item) for item in value)
+
+
+def _padded_on_the_left(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Inputs:
+    """For `generate`, which continues every row after its last position: rows that a mask pads
+    on the right (a tokenizer's default) with their padding moved to the left, the order of
+    their tokens kept; per-token inputs (the tokens, the mask, ...) move with them."""
+    mask = kwargs.get("attention_mask")
+    if not isinstance(mask, torch.Tensor) or mask.dim() != 2 or bool(mask[:, -1].all()):
+        return args, kwargs
+    order = torch.sort((mask != 0).to(torch.int8), dim=1, stable=True).indices
+
+    def moved(value: Any) -> Any:
+        if isinstance(value, torch.Tensor) and value.shape == mask.shape:
+            return value.gather(1, order.to(value.device))
+        return value
+
+    return tuple(moved(value) for value in args), {
+        name: moved(value) for name, value in kwargs.items()
+    }
 
 
 def _with_solo_positions(kwargs: dict[str, Any]) -> dict[str, Any]:
