@@ -80,6 +80,10 @@ class LanguageModel(Model):
     tokenizer's default) to the left. `tr.result` of `generate` is the token ids. A plain
     call, `lm(...)`, takes the same inputs.
 
+    Beside the real paths, the standard names of `mediator.standard_renames` address the same
+    modules (`lm.layers[3].self_attn`); `rename` adds aliases of your own, as for `Model`. A key
+    of yours that the standard names also use replaces their alias for it.
+
     Example:
 
         lm = mediator.LanguageModel("path/to/model", dtype=torch.bfloat16)  # nothing loaded
