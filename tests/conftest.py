@@ -111,6 +111,21 @@ def word_tokenizer() -> Any:
     )
 
 
+@pytest.fixture
+def loads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The paths `AutoModelForCausalLM.from_pretrained` is called with from now on."""
+    transformers = pytest.importorskip("transformers")
+    calls: list[str] = []
+    original = transformers.AutoModelForCausalLM.from_pretrained
+
+    def counted(where: Any, *args: Any, **kwargs: Any) -> Any:
+        calls.append(where)
+        return original(where, *args, **kwargs)
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", counted)
+    return calls
+
+
 def tiny_llama(seed: int, **config: Any) -> nn.Module:
     """A config-built Llama (2 layers, 32 wide, 2 heads and 2 key/value heads, 100 tokens,
     unless `config` says otherwise) in eval mode, its weights drawn from `seed`."""

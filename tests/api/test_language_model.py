@@ -43,20 +43,6 @@ def oracle(saved) -> nn.Module:
     return transformers.AutoModelForCausalLM.from_pretrained(saved[1])
 
 
-@pytest.fixture
-def loads(monkeypatch) -> list[str]:
-    """The paths `AutoModelForCausalLM.from_pretrained` is called with from now on."""
-    calls: list[str] = []
-    original = transformers.AutoModelForCausalLM.from_pretrained
-
-    def counted(path, *args, **kwargs):
-        calls.append(path)
-        return original(path, *args, **kwargs)
-
-    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", counted)
-    return calls
-
-
 def ids_of(prompt: str) -> list[int]:
     return [WORDS.index(word) for word in prompt.split()]
 

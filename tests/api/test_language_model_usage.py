@@ -42,20 +42,6 @@ def oracle(path) -> nn.Module:
     return transformers.AutoModelForCausalLM.from_pretrained(path)
 
 
-@pytest.fixture
-def loads(monkeypatch) -> list[str]:
-    """The paths `AutoModelForCausalLM.from_pretrained` is called with from now on."""
-    calls: list[str] = []
-    original = transformers.AutoModelForCausalLM.from_pretrained
-
-    def counted(where, *args, **kwargs):
-        calls.append(where)
-        return original(where, *args, **kwargs)
-
-    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", counted)
-    return calls
-
-
 def ids_of(prompt: str) -> torch.Tensor:
     return torch.tensor([[WORDS.index(word) for word in prompt.split()]])
 
