@@ -201,6 +201,19 @@ def test_an_item_that_always_kills_its_worker_takes_no_other_item_with_it() -> N
     torch.testing.assert_close(last, solo(kills_on_one, items[2:])[0])
 
 
+def test_a_chunk_waiting_behind_one_that_kills_its_worker_loses_no_try() -> None:
+    def kills_on_one(model: mediator.Model, ids: torch.Tensor) -> torch.Tensor:
+        if index_of(ids) == 1:
+            os._exit(1)
+        return model.output[:, -1]
+
+    items = prompts(3)  # one worker gets both chunks at once: [0, 1] runs, [2] waits behind it
+    swept = sweep(load_induction, kills_on_one, items, 2, workers=1, retries=0, progress=False)
+    first, lost, last = swept
+    assert isinstance(first, SweepError) and isinstance(lost, SweepError)  # no retry: both lost
+    torch.testing.assert_close(last, solo(kills_on_one, items[2:])[0])  # not blamed: it ran
+
+
 def test_raise_errors_raises_in_item_order(capsys: pytest.CaptureFixture[str]) -> None:
     def fails_on_two(model: mediator.Model, ids: torch.Tensor) -> torch.Tensor:
         if index_of(ids) == 2:

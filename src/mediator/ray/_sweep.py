@@ -45,6 +45,7 @@ class Chunk:
     first: int
     items: list[Any]
     attempts: int = 0
+    sent: int = -1  # when it was last handed to a worker (the sweep's count of hand-outs)
 
 
 def sweep(
@@ -158,16 +159,20 @@ def _drive(
     actors = [new_actor() for _ in range(count)]
     in_flight: dict[Any, tuple[Any, Chunk]] = {}  # result ref -> (actor, chunk)
     retry: collections.deque[Chunk] = collections.deque()
+    sent = itertools.count()  # hand-outs, in order: a worker runs its chunks in that order
+    blamed: dict[Any, int] = {}  # dead actor -> the hand-out it was running when it died
     finished: dict[int, list[Any]] = {}  # first item's index -> results
     next_item = 0
     try:
         while True:
-            _fill(actors, in_flight, retry, chunks)
+            _fill(actors, in_flight, retry, chunks, sent)
             if not in_flight:
                 break
             (ready,), _ = ray.wait(list(in_flight), num_returns=1)
             actor, chunk = in_flight.pop(ready)
-            results = _collect(ready, actor, chunk, actors, new_actor, retry, retries)
+            results = _collect(
+                ready, actor, chunk, actors, new_actor, retry, retries, in_flight, blamed
+            )
             if results is None:
                 continue
             finished[chunk.first] = results
@@ -192,6 +197,7 @@ def _fill(
     in_flight: dict[Any, tuple[Any, Chunk]],
     retry: collections.deque[Chunk],
     chunks: Iterator[Chunk],
+    sent: Iterator[int],
 ) -> None:
     """Give every actor chunks (those to retry first) until it has `PIPELINE` in flight."""
     load = collections.Counter(actor for actor, _ in in_flight.values())
@@ -200,8 +206,21 @@ def _fill(
             chunk = retry.popleft() if retry else next(chunks, None)
             if chunk is None:
                 return
+            chunk.sent = next(sent)
             in_flight[actor.run.remote(chunk.first, chunk.items)] = (actor, chunk)
             load[actor] += 1
+
+
+def _was_running(
+    actor: Any, chunk: Chunk, in_flight: dict[Any, tuple[Any, Chunk]], blamed: dict[Any, int]
+) -> bool:
+    """Whether `chunk` is the one its dead worker `actor` was running. A worker runs its chunks
+    one after another, in the order they were handed out: the one it ran is the earliest of its
+    chunks out when its death is first seen; a chunk waiting behind it is not to blame."""
+    if actor not in blamed:
+        waiting = [other.sent for owner, other in in_flight.values() if owner is actor]
+        blamed[actor] = min([chunk.sent, *waiting])
+    return blamed[actor] == chunk.sent
 
 
 def _collect(
@@ -212,10 +231,13 @@ def _collect(
     new_actor: Callable[[], Any],
     retry: collections.deque[Chunk],
     retries: int,
+    in_flight: dict[Any, tuple[Any, Chunk]],
+    blamed: dict[Any, int],
 ) -> list[Any] | None:
     """The chunk's results; or None when its worker died and the chunk is queued again (on a new
-    worker that replaces the dead one): whole, except on its last try, when each item goes alone,
-    so that an item that kills its worker takes no other item with it."""
+    worker that replaces the dead one). The chunk the worker was running counts a try: it goes
+    whole, except on its last try, when each item goes alone, so that an item that kills its
+    worker takes no other item with it. A chunk that was only waiting on it goes again as it was."""
     try:
         results: list[Any] = ray.get(ready)
         return results
@@ -226,6 +248,9 @@ def _collect(
             ) from error
         if actor in actors:  # its other chunk in flight fails too: replace it once
             actors[actors.index(actor)] = new_actor()
+        if not _was_running(actor, chunk, in_flight, blamed):
+            retry.append(chunk)  # it only waited behind the chunk that killed the worker
+            return None
         if chunk.attempts < retries:
             chunk.attempts += 1
             if chunk.attempts < retries or len(chunk.items) == 1:
