@@ -244,8 +244,8 @@ def compile_body(
     if source.declared_global:
         declared.append(ast.Global(sorted(source.declared_global)))
     body = ast.Try(body=statements, handlers=[], orelse=[], finalbody=[keep])
-    function = _function(_BODY, params, [*declared, body])
-    scope = _function(_SCOPE, _HOOKS, [function])
+    function = function_def(_BODY, params, [*declared, body])
+    scope = function_def(_SCOPE, _HOOKS, [function])
     outer: ast.stmt = scope
     if source.class_name is not None:
         outer = ast.ClassDef(
@@ -270,7 +270,8 @@ def compile_body(
     return code
 
 
-def _function(name: str, params: tuple[str, ...], body: list[ast.stmt]) -> ast.FunctionDef:
+def function_def(name: str, params: tuple[str, ...], body: list[ast.stmt]) -> ast.FunctionDef:
+    """A `def name(params): body` node, without decorators or annotations."""
     function = ast.FunctionDef(
         name=name,
         args=ast.arguments(

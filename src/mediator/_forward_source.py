@@ -28,6 +28,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from ._body import function_def
 from ._errors import SourceUnavailableError
 
 _OPS = "__mediator_ops__"
@@ -243,17 +244,8 @@ def _compile(definition: ast.FunctionDef, function: types.FunctionType) -> types
     """Compile `definition` inside a factory whose parameters are the function's free
     variables and `_OPS`, so that they stay closure variables; return the function's code."""
     params = [_OPS, *function.__code__.co_freevars]
-    factory = ast.FunctionDef(
-        name=_FACTORY,
-        args=ast.arguments(
-            posonlyargs=[],
-            args=[ast.arg(name) for name in params],
-            kwonlyargs=[],
-            kw_defaults=[],
-            defaults=[],
-        ),
-        body=[_in_its_class(definition, function), ast.Pass()],
-        decorator_list=[],
+    factory = function_def(
+        _FACTORY, tuple(params), [_in_its_class(definition, function), ast.Pass()]
     )
     ast.copy_location(factory, definition)
     module = ast.fix_missing_locations(ast.Module([factory], type_ignores=[]))
