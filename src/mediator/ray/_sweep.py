@@ -167,7 +167,11 @@ def sweep(
     `mediator.Model`, or the `torch.nn.Module` to wrap) and runs chunks of up to
     `invokes_per_trace` items as one trace: `tr.invoke(item).run(experiment, model, item)` per
     item (a dict item is the invoke's keyword inputs, `tr.invoke(**item)`), all in one batched
-    forward pass. Each result is what the same experiment gives in a trace of its own.
+    forward pass. Each result is what the same experiment gives in a trace of its own; with a
+    `LanguageModel` and prompts of different lengths, values keep the left padding of their
+    chunk (as in any trace), so read and patch positions from the end (`[:, -1]`) or sweep
+    prompts of one length: a position counted from the start, or a whole sequence returned,
+    depends on which prompts shared the chunk.
 
     - Results stream in item order as chunks finish; `items` may be any iterable (read as
       workers need chunks). `progress=True` shows a tqdm bar where tqdm is installed.
