@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -187,31 +188,21 @@ def test_a_trace_that_fails_as_a_whole_runs_its_items_alone(swept: Swept) -> Non
 def test_an_item_that_always_kills_its_worker_takes_no_other_item_with_it() -> None:
     def kills_on_one(model: mediator.Model, ids: torch.Tensor) -> torch.Tensor:
         if index_of(ids) == 1:
+            time.sleep(0.5)  # the next chunk waits on the worker meanwhile
             os._exit(1)
         return model.output[:, -1]
 
-    items = prompts(3)
+    items = prompts(4)
     swept = sweep(
         load_induction, kills_on_one, iter(items), 2, workers=1, retries=1, progress=False
     )
-    first, lost, last = swept  # chunk [0, 1] dies; its last try runs 0 and 1 alone; then [2]
-    torch.testing.assert_close(first, solo(kills_on_one, items[:1])[0])
+    # chunk [0, 1] dies (its last try runs 0 and 1 alone), chunk [2, 3] waiting behind it on
+    # the same worker each time: that costs [2, 3] no try, so it still runs
+    first, lost, *rest = swept
     assert isinstance(lost, SweepError) and lost.index == 1
     assert isinstance(lost.error, ray.exceptions.RayActorError)
-    torch.testing.assert_close(last, solo(kills_on_one, items[2:])[0])
-
-
-def test_a_chunk_waiting_behind_one_that_kills_its_worker_loses_no_try() -> None:
-    def kills_on_one(model: mediator.Model, ids: torch.Tensor) -> torch.Tensor:
-        if index_of(ids) == 1:
-            os._exit(1)
-        return model.output[:, -1]
-
-    items = prompts(3)  # one worker gets both chunks at once: [0, 1] runs, [2] waits behind it
-    swept = sweep(load_induction, kills_on_one, items, 2, workers=1, retries=0, progress=False)
-    first, lost, last = swept
-    assert isinstance(first, SweepError) and isinstance(lost, SweepError)  # no retry: both lost
-    torch.testing.assert_close(last, solo(kills_on_one, items[2:])[0])  # not blamed: it ran
+    for got, want in zip([first, *rest], solo(kills_on_one, items[:1] + items[2:]), strict=True):
+        torch.testing.assert_close(got, want)
 
 
 def test_raise_errors_raises_in_item_order(capsys: pytest.CaptureFixture[str]) -> None:
@@ -238,6 +229,29 @@ def test_load_model_that_raises_says_so() -> None:
 
     with pytest.raises(mediator.MediatorError, match="(?s)load_model.*no weights at /nowhere"):
         list(sweep(broken, zero_position, prompts(2), workers=1, progress=False))
+
+
+def test_workers_the_cluster_cannot_hold_yet_take_no_chunks() -> None:
+    # 3 workers of 1 CPU on 2 CPUs: the third never starts while the others run
+    items = prompts(12)
+    swept = sweep(load_induction, zero_position, items, 2, workers=3, progress=False)
+    for got, want in zip(swept, solo(zero_position, items), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_a_result_that_cannot_be_pickled_stays_with_its_item() -> None:
+    def lock_on_one(model: mediator.Model, ids: torch.Tensor) -> Any:
+        last = model.output[:, -1]
+        return threading.Lock() if index_of(ids) == 1 else {"last": last, "index": 0.5}
+
+    items = prompts(3)
+    first, failed, last = sweep(load_induction, lock_on_one, items, 3, workers=1, progress=False)
+    assert isinstance(failed, SweepError) and failed.index == 1
+    assert isinstance(failed.error, TypeError)
+    assert "returned lock, which cannot be sent back from the Ray worker" in str(failed.error)
+    for got, want in zip((first, last), solo(lock_on_one, items[::2]), strict=True):
+        assert got["index"] == want["index"]
+        torch.testing.assert_close(got["last"], want["last"], rtol=1e-5, atol=1e-5)
 
 
 def test_serving_co_batches_concurrent_clients(tmp_path: Path) -> None:
@@ -276,5 +290,7 @@ def test_import_mediator_does_not_import_ray() -> None:
 def test_sweep_refuses_bad_arguments_at_once() -> None:
     with pytest.raises(ValueError, match="invokes_per_trace"):
         sweep(load_induction, zero_position, [], invokes_per_trace=0)
+    with pytest.raises(ValueError, match="workers"):  # not a sweep that yields nothing
+        sweep(load_induction, zero_position, iter([]), workers=0)
     with pytest.raises(TypeError, match="load_model.*returned int"):
         mediator.ray._chunk.as_model(3)

@@ -1,28 +1,33 @@
 """`sweep`: many experiments on a pool of Ray workers, co-batched into traces on each.
 
 The driver (the generator `sweep` returns) cuts the items into chunks of `invokes_per_trace`,
-hands each worker up to two chunks at a time (one running, one waiting, so a worker never idles
-while a result travels), and yields results in item order as soon as the chunks before them are
-done. It owns, for one sweep: the worker actors, the chunks in flight and to retry, and the
-finished chunks not yet yielded. A worker that dies has its chunks given to a new worker; the
-actors are killed when the generator ends (also when it is closed early or raises).
+hands each worker that has built its model up to two chunks at a time (one running, one waiting,
+so a worker never idles while a result travels), and yields results in item order as soon as the
+chunks before them are done. It owns, for one sweep: the worker actors (`Pool`: starting or
+started), the chunks in flight and to send (`Queue`), and the finished chunks not yet yielded. A
+worker that dies has its chunks given to a new worker, and only the chunk it was running counts a
+try; the actors are killed when the generator ends (also when it is closed early or raises).
 """
 
 from __future__ import annotations
 
 import collections
 import itertools
+import traceback
 from collections.abc import Callable, Iterable, Iterator, Sized
 from dataclasses import dataclass
 from typing import Any
 
 import ray
+import torch
 from ray.exceptions import RayActorError
 
 from .._errors import MediatorError
+from .._tree import leaves
 from ._chunk import Experiment, SweepError, as_model, run_chunk
 
 PIPELINE = 2  # chunks in flight per worker: one running, one ready to start
+PLAIN = (torch.Tensor, int, float, complex, str, bytes, bool, type(None))  # always pickle
 
 
 class Worker:
@@ -33,9 +38,30 @@ class Worker:
         self.experiment = experiment
         self.grad = grad
 
+    def ready(self) -> None:
+        """Answers once the model is built: the driver sends chunks to started workers only."""
+
     def run(self, first_index: int, items: list[Any]) -> list[Any]:
         calls = [(self.experiment, item) for item in items]
-        return run_chunk(self.model, calls, first_index, self.grad)
+        results = run_chunk(self.model, calls, first_index, self.grad)
+        return [sendable(first_index + offset, value) for offset, value in enumerate(results)]
+
+
+def sendable(index: int, result: Any) -> Any:
+    """`result`, or a `SweepError` where it cannot be pickled back to the driver (a lock, an open
+    file, a generator): one such result must not lose its whole chunk."""
+    if all(isinstance(leaf, PLAIN) for leaf in leaves(result)):
+        return result
+    try:
+        ray.cloudpickle.dumps(result)
+    except Exception as error:
+        problem = TypeError(
+            f"the experiment returned {type(result).__name__}, which cannot be sent back from "
+            f"the Ray worker ({type(error).__name__}: {error}); return tensors, numbers or other "
+            "picklable values"
+        )
+        return SweepError(index, problem, traceback.format_exc())
+    return result
 
 
 @dataclass
@@ -45,7 +71,81 @@ class Chunk:
     first: int
     items: list[Any]
     attempts: int = 0
-    sent: int = -1  # when it was last handed to a worker (the sweep's count of hand-outs)
+
+
+@dataclass
+class Sent:
+    """A chunk sent to an actor, and the ref of its results."""
+
+    ref: Any
+    actor: Any
+    chunk: Chunk
+
+
+class Queue:
+    """The chunks still to send: those to run again first, then the items' next chunks (read
+    from the items only when a worker needs one)."""
+
+    def __init__(self, chunks: Iterator[Chunk]) -> None:
+        self.retry: collections.deque[Chunk] = collections.deque()
+        self.fresh = chunks
+
+    def take(self) -> Chunk | None:
+        return self.retry.popleft() if self.retry else next(self.fresh, None)
+
+    def empty(self) -> bool:
+        chunk = self.take()
+        if chunk is not None:
+            self.retry.appendleft(chunk)
+        return chunk is None
+
+
+class Pool:
+    """The sweep's actors: those still building their model (by the ref of their `ready()`
+    call), and those started, which take chunks. An actor that dies is replaced."""
+
+    def __init__(self, new_actor: Callable[[], Any], retries: int) -> None:
+        self.new_actor = new_actor
+        self.starting: dict[Any, Any] = {}  # ready() ref -> actor
+        self.ready: list[Any] = []
+        self.deaths_at_start = 0
+        self.retries = retries
+
+    def start(self, count: int) -> None:
+        for _ in range(count):
+            actor = self.new_actor()
+            self.starting[actor.ready.remote()] = actor
+
+    def started(self, ref: Any) -> None:
+        """The actor of `ref` built its model (it takes chunks now), raised, or died."""
+        actor = self.starting.pop(ref)
+        try:
+            ray.get(ref)
+        except RayActorError as error:
+            if error.actor_init_failed:
+                raise MediatorError(
+                    "load_model() raised on a Ray worker, so no worker can run the sweep:\n"
+                    + str(error)
+                ) from error
+            self.deaths_at_start += 1
+            if self.deaths_at_start > self.retries:
+                raise MediatorError(
+                    f"Ray workers died {self.deaths_at_start} times while building their model "
+                    f"with load_model() (out of memory?):\n{error}"
+                ) from error
+            self.start(1)
+            return
+        self.ready.append(actor)
+
+    def replace(self, actor: Any) -> None:
+        """A started actor died: a new one starts in its place."""
+        self.ready.remove(actor)
+        ray.kill(actor)
+        self.start(1)
+
+    def kill(self) -> None:
+        for actor in [*self.ready, *self.starting.values()]:
+            ray.kill(actor)
 
 
 def sweep(
@@ -67,7 +167,11 @@ def sweep(
     `mediator.Model`, or the `torch.nn.Module` to wrap) and runs chunks of up to
     `invokes_per_trace` items as one trace: `tr.invoke(item).run(experiment, model, item)` per
     item (a dict item is the invoke's keyword inputs, `tr.invoke(**item)`), all in one batched
-    forward pass. Each result is what the same experiment gives in a trace of its own.
+    forward pass. Each result is what the same experiment gives in a trace of its own; with a
+    `LanguageModel` and prompts of different lengths, values keep the left padding of their
+    chunk (as in any trace), so read and patch positions from the end (`[:, -1]`) or sweep
+    prompts of one length: a position counted from the start, or a whole sequence returned,
+    depends on which prompts shared the chunk.
 
     - Results stream in item order as chunks finish; `items` may be any iterable (read as
       workers need chunks). `progress=True` shows a tqdm bar where tqdm is installed.
@@ -75,12 +179,16 @@ def sweep(
       the traceback text); the other items go on. `raise_errors=True` raises that `SweepError`
       instead, when its turn comes.
     - A worker process that dies (a crash, a lost node): its chunks run again on a new worker,
-      up to `retries` times each, so no result is lost or given twice; the last try runs their
+      up to `retries` times for the chunk it was running (not for those waiting behind it), so
+      no result is lost or given twice; the last try runs their
       items one by one, so an item that kills every worker it runs on ends as a `SweepError`
-      holding Ray's error, and the items it shared a chunk with still get their results.
+      holding Ray's error, and the items it shared a chunk with still get their results. A
+      result that cannot be pickled back (a lock, a generator) is a `SweepError` too.
     - `workers` actors (default: as many as the cluster's CPUs, or GPUs, fit), each with
       `resources` as Ray actor options (default `{"num_cpus": 1}`; e.g. `{"num_gpus": 1}`; then
-      `load_model` should move the model to `"cuda"`).
+      `load_model` should move the model to `"cuda"`). Chunks go to workers that have built
+      their model: a worker the cluster cannot hold yet (its CPUs busy with another job or a
+      served model) takes none until it starts.
     - Ray: a sweep uses the Ray that `ray.init(...)` started or connected to (a laptop's local
       Ray, or a cluster's address: the call is the same); if Ray is not initialised yet, the
       sweep calls `ray.init()`, which joins the cluster in `RAY_ADDRESS` or starts a local one.
@@ -104,6 +212,10 @@ def sweep(
     """
     if invokes_per_trace < 1:
         raise ValueError(f"sweep(invokes_per_trace=...) must be >= 1, got {invokes_per_trace}")
+    if workers is not None and workers < 1:
+        raise ValueError(
+            f"sweep(workers=...) must be >= 1 (or None: as many as fit), got {workers}"
+        )
     if not ray.is_initialized():
         ray.init()
     options = dict(resources or {"num_cpus": 1})
@@ -153,31 +265,27 @@ def _drive(
     progress: bool,
     raise_errors: bool,
 ) -> Iterator[Any]:
-    """The sweep's generator: schedule chunks on `count` actors, replace dead ones, yield in
-    order."""
+    """The sweep's generator: run the chunks on a pool of `count` actors, yield in order."""
     bar = _progress_bar(total) if progress else None
-    actors = [new_actor() for _ in range(count)]
-    in_flight: dict[Any, tuple[Any, Chunk]] = {}  # result ref -> (actor, chunk)
-    retry: collections.deque[Chunk] = collections.deque()
-    sent = itertools.count()  # hand-outs, in order: a worker runs its chunks in that order
-    blamed: dict[Any, int] = {}  # dead actor -> the hand-out it was running when it died
+    pool = Pool(new_actor, retries)
+    queue = Queue(chunks)
+    in_flight: dict[Any, Sent] = {}  # result ref -> the chunk and its actor, in sending order
     finished: dict[int, list[Any]] = {}  # first item's index -> results
     next_item = 0
     try:
+        pool.start(count)
         while True:
-            _fill(actors, in_flight, retry, chunks, sent)
-            if not in_flight:
+            _fill(pool.ready, in_flight, queue)
+            if not in_flight and queue.empty():
                 break
-            (ready,), _ = ray.wait(list(in_flight), num_returns=1)
-            actor, chunk = in_flight.pop(ready)
-            results = _collect(
-                ready, actor, chunk, actors, new_actor, retry, retries, in_flight, blamed
-            )
-            if results is None:
+            (ready,), _ = ray.wait([*in_flight, *pool.starting], num_returns=1)
+            if ready in pool.starting:
+                pool.started(ready)
                 continue
-            finished[chunk.first] = results
-            if bar is not None:
-                bar.update(len(results))
+            for chunk, results in _collect(ready, in_flight, pool, queue, retries):
+                finished[chunk.first] = results
+                if bar is not None:
+                    bar.update(len(results))
             while next_item in finished:
                 done = finished.pop(next_item)
                 for result in done:
@@ -188,83 +296,78 @@ def _drive(
     finally:
         if bar is not None:
             bar.close()
-        for actor in actors:
-            ray.kill(actor)
+        pool.kill()
 
 
-def _fill(
-    actors: list[Any],
-    in_flight: dict[Any, tuple[Any, Chunk]],
-    retry: collections.deque[Chunk],
-    chunks: Iterator[Chunk],
-    sent: Iterator[int],
-) -> None:
-    """Give every actor chunks (those to retry first) until it has `PIPELINE` in flight."""
-    load = collections.Counter(actor for actor, _ in in_flight.values())
+def _fill(actors: list[Any], in_flight: dict[Any, Sent], queue: Queue) -> None:
+    """Give every started actor chunks (those to retry first) until it has `PIPELINE` in
+    flight."""
+    load = collections.Counter(sent.actor for sent in in_flight.values())
     for actor in actors:
         while load[actor] < PIPELINE:
-            chunk = retry.popleft() if retry else next(chunks, None)
+            chunk = queue.take()
             if chunk is None:
                 return
-            chunk.sent = next(sent)
-            in_flight[actor.run.remote(chunk.first, chunk.items)] = (actor, chunk)
+            ref = actor.run.remote(chunk.first, chunk.items)
+            in_flight[ref] = Sent(ref, actor, chunk)
             load[actor] += 1
 
 
-def _was_running(
-    actor: Any, chunk: Chunk, in_flight: dict[Any, tuple[Any, Chunk]], blamed: dict[Any, int]
-) -> bool:
-    """Whether `chunk` is the one its dead worker `actor` was running. A worker runs its chunks
-    one after another, in the order they were handed out: the one it ran is the earliest of its
-    chunks out when its death is first seen; a chunk waiting behind it is not to blame."""
-    if actor not in blamed:
-        waiting = [other.sent for owner, other in in_flight.values() if owner is actor]
-        blamed[actor] = min([chunk.sent, *waiting])
-    return blamed[actor] == chunk.sent
-
-
 def _collect(
-    ready: Any,
-    actor: Any,
-    chunk: Chunk,
-    actors: list[Any],
-    new_actor: Callable[[], Any],
-    retry: collections.deque[Chunk],
-    retries: int,
-    in_flight: dict[Any, tuple[Any, Chunk]],
-    blamed: dict[Any, int],
-) -> list[Any] | None:
-    """The chunk's results; or None when its worker died and the chunk is queued again (on a new
-    worker that replaces the dead one). The chunk the worker was running counts a try: it goes
-    whole, except on its last try, when each item goes alone, so that an item that kills its
-    worker takes no other item with it. A chunk that was only waiting on it goes again as it was."""
+    ready: Any, in_flight: dict[Any, Sent], pool: Pool, queue: Queue, retries: int
+) -> list[tuple[Chunk, list[Any]]]:
+    """The finished chunks and their results: the one of `ready`; or, when its worker died, those
+    of its chunks that had finished, the others queued again (on a new worker)."""
     try:
         results: list[Any] = ray.get(ready)
-        return results
-    except RayActorError as error:
-        if error.actor_init_failed:
-            raise MediatorError(
-                f"load_model() raised on a Ray worker, so no worker can run the sweep:\n{error}"
-            ) from error
-        if actor in actors:  # its other chunk in flight fails too: replace it once
-            actors[actors.index(actor)] = new_actor()
-        if not _was_running(actor, chunk, in_flight, blamed):
-            retry.append(chunk)  # it only waited behind the chunk that killed the worker
-            return None
-        if chunk.attempts < retries:
-            chunk.attempts += 1
-            if chunk.attempts < retries or len(chunk.items) == 1:
-                retry.append(chunk)
-            else:
-                retry.extend(
-                    Chunk(chunk.first + offset, [item], chunk.attempts)
-                    for offset, item in enumerate(chunk.items)
-                )
-            return None
-        return [
-            SweepError(chunk.first + offset, error, f"the worker died {retries + 1} times")
-            for offset in range(len(chunk.items))
-        ]
+    except RayActorError:
+        return _settle_death(in_flight[ready].actor, in_flight, pool, queue, retries)
+    return [(in_flight.pop(ready).chunk, results)]
+
+
+def _settle_death(
+    actor: Any, in_flight: dict[Any, Sent], pool: Pool, queue: Queue, retries: int
+) -> list[tuple[Chunk, list[Any]]]:
+    """Every chunk sent to the dead `actor`, in sending order: those that finished keep their
+    results; the first that did not was running when it died and counts a try; those queued
+    behind it run again without counting one."""
+    pool.replace(actor)
+    mine = [sent for sent in in_flight.values() if sent.actor is actor]
+    finished: list[tuple[Chunk, list[Any]]] = []
+    blamed = False
+    for sent in mine:
+        del in_flight[sent.ref]
+        try:
+            finished.append((sent.chunk, ray.get(sent.ref)))
+        except RayActorError as error:
+            if blamed:
+                queue.retry.append(sent.chunk)
+                continue
+            blamed = True
+            results = _charge(sent.chunk, error, queue, retries)
+            if results is not None:
+                finished.append((sent.chunk, results))
+    return finished
+
+
+def _charge(chunk: Chunk, error: RayActorError, queue: Queue, retries: int) -> list[Any] | None:
+    """A chunk whose worker died while running it: queued again, whole, except on its last try,
+    when each item goes alone, so that an item that kills its worker takes no other item with
+    it; None then. After `retries` tries: a `SweepError` per item."""
+    if chunk.attempts < retries:
+        chunk.attempts += 1
+        if chunk.attempts < retries or len(chunk.items) == 1:
+            queue.retry.append(chunk)
+        else:
+            queue.retry.extend(
+                Chunk(chunk.first + offset, [item], chunk.attempts)
+                for offset, item in enumerate(chunk.items)
+            )
+        return None
+    return [
+        SweepError(chunk.first + offset, error, f"the worker died {retries + 1} times")
+        for offset in range(len(chunk.items))
+    ]
 
 
 def _progress_bar(total: int | None) -> Any:
