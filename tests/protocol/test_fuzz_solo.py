@@ -709,8 +709,17 @@ def solo(
         plan.setdefault((site.path, boundary, call), []).append((position, op))
     calls: dict[str, int] = {}
 
-    def edit(op: tuple[Any, ...], value: torch.Tensor) -> None:
-        value[index_of(op[1], *op[3])] = ctx.value(op[4])
+    def read_or_edit(position: int, op: tuple[Any, ...], leaf: torch.Tensor) -> bool:
+        """Do a read or an in-place edit of `leaf`; False for a swap (the caller's to do)."""
+        if op[0] == "read":
+            reads.append((position, leaf.clone()))
+            if op[3] is not None:
+                ctx.box[(i, op[3])] = reads[-1][1]
+        elif op[0] == "edit":
+            leaf[index_of(op[1], *op[3])] = ctx.value(op[4])
+        else:
+            return False
+        return True
 
     def wrapper(path: str, original: Callable[..., Any]) -> Callable[..., Any]:
         def forward(*args: Any, **kwargs: Any) -> Any:
@@ -724,25 +733,13 @@ def solo(
                     skipped = args[0] * 0.5 + c if how == "like" else ctx.const(path, call, c)
                     continue
                 leaf = args[0] if site.io == "input" else at(args[1], site.leaf)
-                if op[0] == "read":
-                    reads.append((position, leaf.clone()))
-                    if op[3] is not None:
-                        ctx.box[(i, op[3])] = reads[-1][1]
-                elif op[0] == "edit":
-                    edit(op, leaf)
-                else:
+                if not read_or_edit(position, op, leaf):
                     args = (leaf * 2 + op[3], *args[1:])
             output = original(*args, **kwargs) if skipped is None else skipped
             for position, op in plan.get((path, "out", call), []):
                 site = op[1]
                 leaf = at(output, site.leaf)
-                if op[0] == "read":
-                    reads.append((position, leaf.clone()))
-                    if op[3] is not None:
-                        ctx.box[(i, op[3])] = reads[-1][1]
-                elif op[0] == "edit":
-                    edit(op, leaf)
-                else:
+                if not read_or_edit(position, op, leaf):
                     output = with_leaf(output, site.leaf, leaf * 2 + op[3])
             return output
 
