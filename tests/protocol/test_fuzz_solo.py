@@ -66,7 +66,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import busy_workers, hook_count, patched_forwards
+from conftest import busy_workers, hook_count, patched_forwards, tiny_gpt2
 from hypothesis import HealthCheck, event, given, note, seed, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -208,16 +208,14 @@ def build(spec: Spec) -> nn.Module:
             return Chain(blocks, spec.width, spec.steps, 3).eval()
         if spec.kind == "rnn":
             return RNNNet(spec).eval()
-        config = transformers.GPT2Config(
-            n_layer=2,
+        return tiny_gpt2(
+            spec.seed,
             n_embd=16,
-            n_head=2,
             vocab_size=50,
             eos_token_id=None,
             bos_token_id=None,
             pad_token_id=0,
         )
-        return transformers.GPT2LMHeadModel(config).eval()
 
 
 def batcher_of(spec: Spec) -> mediator.Batcher | None:
